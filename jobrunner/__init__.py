@@ -1,0 +1,112 @@
+"""jobrunner: a REPL-like Python session where every step is its own process.
+
+Each step loads the session's namespace from a checkpoint, runs its code and
+commits a new checkpoint; locally a subprocess runs the step, in production a
+Kubernetes Job does.
+
+    >>> from jobrunner import Session
+    >>> result = Session("demo").run("x = 41\\nx + 1")
+    >>> result.status, result.value
+    ('ok', '42')
+
+Public names are imported on first use, so that the step runtime, which lives in
+this package, does not pay for the control side's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobrunner.backends.base import Backend
+    from jobrunner.backends.local import LocalBackend
+    from jobrunner.errors import (
+        BackendError,
+        CheckpointCorrupted,
+        ClusterUnavailable,
+        CommitConflict,
+        ImagePullFailed,
+        InvalidInput,
+        InvalidSessionId,
+        JobRunnerError,
+        PodEvicted,
+        StepCrashed,
+        StepKilled,
+        StoreError,
+        StoreUnavailable,
+        UnknownSession,
+        UnknownStep,
+        Unschedulable,
+    )
+    from jobrunner.result import StepError, StepResult, Timings
+    from jobrunner.session import Session, list_sessions
+    from jobrunner.store import CheckpointStore
+
+__version__ = "0.1.0"
+
+_WHERE = {
+    "Backend": "jobrunner.backends.base",
+    "BackendError": "jobrunner.errors",
+    "CheckpointCorrupted": "jobrunner.errors",
+    "CheckpointStore": "jobrunner.store",
+    "ClusterUnavailable": "jobrunner.errors",
+    "CommitConflict": "jobrunner.errors",
+    "ImagePullFailed": "jobrunner.errors",
+    "InvalidInput": "jobrunner.errors",
+    "InvalidSessionId": "jobrunner.errors",
+    "JobRunnerError": "jobrunner.errors",
+    "LocalBackend": "jobrunner.backends.local",
+    "PodEvicted": "jobrunner.errors",
+    "Session": "jobrunner.session",
+    "StepCrashed": "jobrunner.errors",
+    "StepError": "jobrunner.result",
+    "StepKilled": "jobrunner.errors",
+    "StepResult": "jobrunner.result",
+    "StoreError": "jobrunner.errors",
+    "StoreUnavailable": "jobrunner.errors",
+    "Timings": "jobrunner.result",
+    "UnknownSession": "jobrunner.errors",
+    "UnknownStep": "jobrunner.errors",
+    "Unschedulable": "jobrunner.errors",
+    "list_sessions": "jobrunner.session",
+}
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CheckpointCorrupted",
+    "CheckpointStore",
+    "ClusterUnavailable",
+    "CommitConflict",
+    "ImagePullFailed",
+    "InvalidInput",
+    "InvalidSessionId",
+    "JobRunnerError",
+    "LocalBackend",
+    "PodEvicted",
+    "Session",
+    "StepCrashed",
+    "StepError",
+    "StepKilled",
+    "StepResult",
+    "StoreError",
+    "StoreUnavailable",
+    "Timings",
+    "UnknownSession",
+    "UnknownStep",
+    "Unschedulable",
+    "list_sessions",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'jobrunner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,354 @@
+"""The ``jobrunner`` command: submit steps and inspect sessions from a terminal.
+
+Exit codes: 0 when the step succeeded (or the command did its work), 1 when the
+user's code failed or timed out, 2 for bad usage or bad input, 3 for a failure
+of jobrunner, its store or its backend (a conflict or a killed step included).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from jobrunner.errors import InvalidInput, JobRunnerError
+from jobrunner.result import StepResult
+from jobrunner.session import Session, list_sessions
+from jobrunner.store import CheckpointStore
+
+__all__ = ["app", "main"]
+
+EXIT_CODE_FAILED = 1
+EXIT_USAGE = 2
+EXIT_JOBRUNNER = 3
+_EXIT_BY_STATUS = {"ok": 0, "error": 1, "timeout": 1, "conflict": 3, "killed": 3}
+
+app = typer.Typer(
+    name="jobrunner",
+    help="A REPL-like Python session in which every step runs in a fresh process.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="JOBRUNNER_STORE",
+        help="Checkpoint store: a folder or an fsspec URL such as s3://bucket/prefix.",
+        show_default="./checkpoints",
+    ),
+]
+StoreOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--store-option",
+        metavar="KEY=VALUE",
+        help="An option of the store's filesystem, e.g. endpoint_url=http://...",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON instead.")
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors_reported() -> Iterator[None]:
+    """Turn jobrunner's errors into one red line and the documented exit code."""
+    try:
+        yield
+    except InvalidInput as error:
+        _fail(str(error), EXIT_USAGE)
+    except JobRunnerError as error:
+        _fail(str(error), EXIT_JOBRUNNER)
+
+
+def _store_options(pairs: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            _fail(f"--store-option expects KEY=VALUE, got {pair!r}", EXIT_USAGE)
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _store(url: str | None, pairs: list[str] | None) -> CheckpointStore:
+    return CheckpointStore(url, options=_store_options(pairs))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _read_code(code: str | None, file: str | None) -> str | bytes:
+    if code is not None and file is not None:
+        _fail("give the code as an argument or with --file, not both", EXIT_USAGE)
+    if file is not None:
+        try:
+            with open(file, "rb") as stream:
+                return stream.read()
+        except OSError as error:
+            _fail(f"cannot read {file}: {error.strerror}", EXIT_USAGE)
+    if code == "-":
+        return sys.stdin.buffer.read()
+    if code is None:
+        _fail("no code: give it as an argument, with --file FILE, or - for stdin", 2)
+    return code
+
+
+class _LiveOutput:
+    """Prints a step's output as it arrives, whole lines at a time."""
+
+    def __init__(self) -> None:
+        self.pending = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, text: str) -> None:
+        lines = (self.pending[stream] + text).split("\n")
+        self.pending[stream] = lines.pop()
+        for line in lines:
+            self._print(stream, line)
+
+    def flush(self) -> None:
+        for stream, text in self.pending.items():
+            if text:
+                self._print(stream, text)
+        self.pending = {"stdout": "", "stderr": ""}
+
+    @staticmethod
+    def _print(stream: str, line: str) -> None:
+        target = errors if stream == "stderr" else console
+        target.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(
+    code: Annotated[
+        str | None, typer.Argument(help="The step's code, or - to read it from stdin.")
+    ] = None,
+    session: Annotated[str, typer.Option("--session", "-s", help="Session id.")] = "",
+    file: Annotated[
+        str | None, typer.Option("--file", "-f", help="Read the code from a file.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop the step after this many seconds.")
+    ] = None,
+    retry_conflicts: Annotated[
+        int, typer.Option(help="Run again this many times if another step wins.")
+    ] = 0,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run one step of a session and show its output and value."""
+    if not session:
+        _fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
+    source = _read_code(code, file)
+    with _errors_reported():
+        runner = Session(session, store=_store(store, store_option))
+        if as_json:
+            result = runner.run(
+                source, timeout=timeout, retry_on_conflict=retry_conflicts
+            )
+            _print_json(result.to_dict())
+        else:
+            result = _run_live(
+                lambda on_output: runner.run(
+                    source,
+                    timeout=timeout,
+                    retry_on_conflict=retry_conflicts,
+                    on_output=on_output,
+                )
+            )
+            _show_outcome(result)
+    raise typer.Exit(_EXIT_BY_STATUS.get(result.status, EXIT_JOBRUNNER))
+
+
+def _run_live(start: Callable[[Any], StepResult]) -> StepResult:
+    live = _LiveOutput()
+    with errors.status("running the step...", spinner="dots"):
+        try:
+            return start(live)
+        finally:
+            live.flush()
+
+
+def _show_outcome(result: StepResult) -> None:
+    if result.value is not None:
+        console.print(result.value, markup=False, highlight=False, soft_wrap=True)
+    if result.error is not None:
+        text = result.error.traceback or str(result.error)
+        errors.print(text.rstrip(), style="red", markup=False, highlight=False)
+    for name, reason in result.dropped.items():
+        errors.print(f"[yellow]not saved:[/yellow] {escape(name)}: {escape(reason)}")
+    if result.step is not None:
+        summary = _names_summary(result)
+        errors.print(
+            f"[dim]step {result.step} committed{summary}[/dim]", highlight=False
+        )
+    elif result.status != "error":
+        errors.print(f"[red]{result.status}:[/red] the session is unchanged")
+
+
+def _names_summary(result: StepResult) -> str:
+    parts = [
+        f"{label} {', '.join(names)}"
+        for label, names in (
+            ("created", result.created),
+            ("changed", result.changed),
+            ("deleted", result.deleted),
+        )
+        if names
+    ]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _short(code: str, width: int = 48) -> str:
+    line = " ⏎ ".join(
+        part.strip() for part in code.strip().splitlines() if part.strip()
+    )
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+@app.command()
+def history(
+    session: Annotated[str, typer.Argument(help="Session id.")],
+    last: Annotated[
+        int | None, typer.Option(help="Show only the most recent N steps.")
+    ] = None,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List every step of a session, failed ones included."""
+    with _errors_reported():
+        results = Session(session, store=_store(store, store_option)).history(last)
+    if as_json:
+        _print_json([result.to_dict() for result in results])
+        return
+    table = Table(title=f"session {session}")
+    for column in ("step", "status", "code", "names changed", "time", "started"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        timings = result.timings
+        table.add_row(
+            str(result.step) if result.step is not None else "-",
+            _status_text(result.status),
+            escape(_short(result.code)),
+            escape(", ".join((*result.created, *result.changed, *result.deleted))),
+            f"{timings.load + timings.execute + timings.save:.3f}s",
+            result.started,
+        )
+    console.print(table)
+
+
+def _status_text(status: str) -> str:
+    return "[green]ok[/green]" if status == "ok" else f"[red]{status}[/red]"
+
+
+@app.command()
+def show(
+    session: Annotated[str, typer.Argument(help="Session id.")],
+    step: Annotated[int, typer.Argument(help="The committed step's number.")],
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the result of one committed step."""
+    with _errors_reported():
+        checkpoints = _store(store, store_option)
+        checkpoints.require(session)
+        manifest = checkpoints.manifest(session, step)
+        result = checkpoints.attempt(session, manifest.result["attempt"])
+        result = result or StepResult.from_dict(manifest.result)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    errors.print(f"[bold]step {step}[/bold] [dim]{result.started}[/dim]")
+    console.print(result.code, markup=False, highlight=False)
+    if result.stdout:
+        console.print(result.stdout.rstrip("\n"), markup=False, highlight=False)
+    _show_outcome(result)
+
+
+@app.command(name="vars")
+def variables(
+    session: Annotated[str, typer.Argument(help="Session id.")],
+    step: Annotated[
+        int | None, typer.Option(help="A committed step (default: the last).")
+    ] = None,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List a session's variables: name, type and size. Nothing is unpickled."""
+    with _errors_reported():
+        found = Session(session, store=_store(store, store_option)).variables(step)
+    if as_json:
+        _print_json(
+            [
+                {"name": v.name, "type": v.type, "size": v.size, "kind": v.kind}
+                for v in found
+            ]
+        )
+        return
+    table = Table(title=f"session {session}")
+    table.add_column("name")
+    table.add_column("type")
+    table.add_column("size", justify="right")
+    for variable in found:
+        size = "-" if variable.kind == "module" else _bytes(variable.size)
+        table.add_row(escape(variable.name), escape(variable.type), size)
+    console.print(table)
+
+
+def _bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+@app.command()
+def sessions(
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the sessions in the store."""
+    with _errors_reported():
+        checkpoints = _store(store, store_option)
+        found = [(name, checkpoints.head(name)) for name in list_sessions(checkpoints)]
+    if as_json:
+        _print_json([{"session": name, "step": step} for name, step in found])
+        return
+    table = Table(title=f"sessions in {checkpoints.url}")
+    table.add_column("session")
+    table.add_column("last step", justify="right")
+    for name, step in found:
+        table.add_row(escape(name), str(step))
+    console.print(table)
+
+
+def main() -> None:
+    """Run the command line interface."""
+    app()
