@@ -20,12 +20,16 @@ changed, so the commit carries its entry over without pickling or hashing it.
 
 from __future__ import annotations
 
+import abc
+import enum
 import gc
 import hashlib
 import importlib
 import io
 import pickle
 import sys
+import types
+import warnings
 from collections.abc import Callable, Iterable
 from types import CodeType, FunctionType, ModuleType
 from typing import Any
@@ -144,7 +148,96 @@ def _dill_pickler(file: io.BytesIO, pickling: _Pickling) -> Any:
                 pickling.reads |= code_names(obj.__code__)
             return None
 
+        def reducer_override(self, obj: Any) -> Any:
+            if not isinstance(obj, type) or obj.__module__ != module.__name__:
+                return NotImplemented
+            if isinstance(obj, enum.EnumMeta):
+                return _reduce_enum(obj)
+            return _reduce_class(obj)
+
     return SessionPickler(file, protocol=PROTOCOL, byref=False, recurse=False)
+
+
+# What an enum class's dict holds that its metaclass rebuilds from the members.
+_ENUM_MACHINERY = frozenset(
+    {"_member_names_", "_member_map_", "_member_type_", "_value2member_map_"}
+    | {"_unhashable_values_", "_new_member_", "_use_args_", "_value_repr_"}
+    | {"_singles_mask_", "_boundary_", "_flag_mask_", "_all_bits_", "_inverted_"}
+    | {"__new__", "__dict__", "__weakref__", "__module__", "__qualname__"}
+)
+
+
+# What a class's dict holds that ``type`` makes itself when the class is made.
+_CLASS_MACHINERY = frozenset(
+    {"__dict__", "__weakref__", "__module__", "__qualname__", "_abc_impl"}
+)
+
+
+def _reduce_class(cls: type) -> tuple[Any, ...]:
+    # The class is made empty first and its body set afterwards, as state:
+    # pickle memoizes the class in between, so a body that refers back to the
+    # class (an instance of it held in a class attribute) finds it.
+    slots = vars(cls).get("__slots__", ())
+    slots = (slots,) if isinstance(slots, str) else tuple(slots)
+    made = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if "__slots__" in vars(cls):
+        made["__slots__"] = slots
+    body = {
+        key: value
+        for key, value in vars(cls).items()
+        if key not in _CLASS_MACHINERY and key not in slots and key != "__slots__"
+    }
+    arguments = (type(cls), cls.__name__, cls.__bases__, made)
+    return _make_class, arguments, body, None, None, _set_class_body
+
+
+def _make_class(
+    metaclass: type, name: str, bases: tuple[type, ...], made: dict[str, Any]
+) -> type:
+    return types.new_class(
+        name, bases, {"metaclass": metaclass}, lambda ns: ns.update(made)
+    )
+
+
+def _set_class_body(cls: type, body: dict[str, Any]) -> type:
+    for key, value in body.items():
+        setattr(cls, key, value)
+    if isinstance(cls, abc.ABCMeta):
+        abc.update_abstractmethods(cls)
+    return cls
+
+
+def _reduce_enum(cls: enum.EnumMeta) -> tuple[Any, tuple[Any, ...]]:
+    # dill cannot pickle an enum class by value (its members refer back to the
+    # class), so the class is rebuilt through its metaclass from its members
+    # and the rest of its body, as the class statement built it.
+    members = [(name, member._value_) for name, member in cls.__members__.items()]
+    body = {
+        key: value
+        for key, value in vars(cls).items()
+        if key not in _ENUM_MACHINERY and key not in cls.__members__
+    }
+    names = (cls.__name__, cls.__qualname__, cls.__module__)
+    return _rebuild_enum, (type(cls), names, cls.__bases__, members, body)
+
+
+def _rebuild_enum(
+    metaclass: type,
+    names: tuple[str, str, str],
+    bases: tuple[type, ...],
+    members: list[tuple[str, Any]],
+    body: dict[str, Any],
+) -> Any:
+    name, qualname, module = names
+    namespace = metaclass.__prepare__(name, bases)  # type: ignore[attr-defined]
+    for key, value in members:
+        namespace[key] = value
+    for key, value in body.items():
+        if key != "_generate_next_value_":
+            namespace[key] = value
+    namespace["__qualname__"] = qualname
+    namespace["__module__"] = module
+    return metaclass(name, bases, namespace)
 
 
 def _needs_dill(value: Any, namespace: dict[str, Any]) -> bool:
