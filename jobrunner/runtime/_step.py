@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from jobrunner.errors import CommitConflict, JobRunnerError
 from jobrunner.result import StepError, StepResult, Timings
+from jobrunner.runtime._display import collect_figures
 from jobrunner.runtime._namespace import (
     RESERVED,
     Loader,
@@ -223,12 +224,14 @@ def _run(step: _Step, code: str, output_limit: int | None) -> StepResult:
         return step.result(code, status, **fields)
 
     if isinstance(outcome, StepError):
-        return finish("error", error=outcome)
+        return finish("error", error=outcome, outputs=tuple(collect_figures()))
     loader, value = outcome
+    # Before saving: a figure kept in a variable must be saved closed.
+    figures = tuple(collect_figures())
     try:
         manifest, fields = _save(step, base, namespace, loader)
         step.lap("save")
-        result = finish("ok", value=value, **fields)
+        result = finish("ok", value=value, outputs=figures, **fields)
         # The manifest keeps the result without its output, which can be large
         # and which the next step would otherwise read back for nothing.
         manifest.result = result.to_dict() | {"stdout": "", "stderr": "", "outputs": []}
