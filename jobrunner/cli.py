@@ -352,3 +352,7 @@ def sessions(
 def main() -> None:
     """Run the command line interface."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -165,7 +165,11 @@ def test_dynamic_namespace_access_sees_every_name(session: Session) -> None:
 
 
 def test_unchanged_variables_are_not_loaded(session: Session) -> None:
-    run_all(session, "class Heavy:\n    def __setstate__(self, state): 1/0", "h = Heavy()\nh.data = 1")
+    run_all(
+        session,
+        "class Heavy:\n    def __setstate__(self, state): 1/0",
+        "h = Heavy()\nh.data = 1",
+    )
     # Loading h would fail; a step that does not name it never loads it.
     assert run_all(session, "z = 3", "z + 1") == "4"
     result = session.run("h")
