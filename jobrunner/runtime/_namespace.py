@@ -177,9 +177,12 @@ def _reduce_class(cls: type) -> tuple[Any, ...]:
     # The class is made empty first and its body set afterwards, as state:
     # pickle memoizes the class in between, so a body that refers back to the
     # class (an instance of it held in a class attribute) finds it.
-    slots = vars(cls).get("__slots__", ())
-    slots = (slots,) if isinstance(slots, str) else tuple(slots)
-    made = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    declared = vars(cls).get("__slots__", ())
+    slots = (declared,) if isinstance(declared, str) else tuple(declared)
+    made: dict[str, Any] = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
     if "__slots__" in vars(cls):
         made["__slots__"] = slots
     body = {
@@ -203,7 +206,7 @@ def _set_class_body(cls: type, body: dict[str, Any]) -> type:
     for key, value in body.items():
         setattr(cls, key, value)
     if isinstance(cls, abc.ABCMeta):
-        abc.update_abstractmethods(cls)
+        abc.update_abstractmethods(cls)  # type: ignore[arg-type]
     return cls
 
 
@@ -211,7 +214,8 @@ def _reduce_enum(cls: enum.EnumMeta) -> tuple[Any, tuple[Any, ...]]:
     # dill cannot pickle an enum class by value (its members refer back to the
     # class), so the class is rebuilt through its metaclass from its members
     # and the rest of its body, as the class statement built it.
-    members = [(name, member._value_) for name, member in cls.__members__.items()]
+    by_name: dict[str, Any] = dict(cls.__members__)
+    members = [(name, member._value_) for name, member in by_name.items()]
     body = {
         key: value
         for key, value in vars(cls).items()
@@ -229,7 +233,7 @@ def _rebuild_enum(
     body: dict[str, Any],
 ) -> Any:
     name, qualname, module = names
-    namespace = metaclass.__prepare__(name, bases)  # type: ignore[attr-defined]
+    namespace = metaclass.__prepare__(name, bases)
     for key, value in members:
         namespace[key] = value
     for key, value in body.items():
@@ -251,7 +255,12 @@ def _pickle(values: dict[str, Any], pickling: _Pickling, use_dill: bool) -> byte
     pickler = (
         _dill_pickler(file, pickling) if use_dill else _FastPickler(file, pickling)
     )
-    pickler.dump(values)
+    with warnings.catch_warnings():
+        # dill warns when it falls back to a reference; what it cannot do is
+        # reported as a dropped name, and its warnings would only reach the
+        # user's stderr.
+        warnings.simplefilter("ignore")
+        pickler.dump(values)
     return file.getvalue()
 
 
