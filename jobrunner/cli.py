@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobrunner.cli_notebook import notebook_app
 from jobrunner.errors import InvalidInput, JobRunnerError
 from jobrunner.result import StepResult
 from jobrunner.session import Session, list_sessions
@@ -347,6 +348,9 @@ def sessions(
     for name, step in found:
         table.add_row(escape(name), str(step))
     console.print(table)
+
+
+app.add_typer(notebook_app, name="notebook")
 
 
 def main() -> None:
