@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobrunner import Session
+from jobrunner.backends.local import LocalBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,19 @@ def store_url(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.fixture(params=["spawn", "warm"])
+def backend(request: pytest.FixtureRequest) -> Iterator[LocalBackend]:
+    """The local backend in both of its modes: a new interpreter, or a fork."""
+    backend = LocalBackend(warm=request.param == "warm")
+    yield backend
+    backend.close()
+
+
 @pytest.fixture
-def new_session(store_url: str) -> Iterator[Callable[..., Session]]:
-    """Make sessions on the test's store: ``new_session("a")``."""
+def new_session(store_url: str, backend: LocalBackend) -> Callable[..., Session]:
+    """Make sessions on the test's store and backend: ``new_session("a")``."""
 
-    def make(session_id: str = "test", **options: object) -> Session:
-        return Session(session_id, store=store_url, **options)  # type: ignore[arg-type]
+    def make(session_id: str = "test") -> Session:
+        return Session(session_id, store=store_url, backend=backend)
 
-    yield make
+    return make

@@ -152,16 +152,18 @@ def test_output_is_capped_with_a_marker(session: Session) -> None:
     assert "characters of output were cut" in result.stdout
 
 
-def test_concurrent_steps_commit_or_conflict(store_url: str) -> None:
-    Session("race", store=store_url).run("seen = []")
+def test_concurrent_steps_commit_or_conflict(
+    new_session: Callable[..., Session],
+) -> None:
+    new_session("race").run("seen = []")
 
     def step(index: int) -> str:
-        return Session("race", store=store_url).run(f"seen.append({index})").status
+        return new_session("race").run(f"seen.append({index})").status
 
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(step, range(8)))
 
-    session = Session("race", store=store_url)
+    session = new_session("race")
     committed = statuses.count("ok")
     assert session.head == committed + 1
     seen = eval(session.run("seen").value or "None")
@@ -170,35 +172,43 @@ def test_concurrent_steps_commit_or_conflict(store_url: str) -> None:
     assert len(seen) == committed == len(set(seen))
 
 
-def test_retry_on_conflict_applies_every_update(store_url: str) -> None:
-    Session("counter", store=store_url).run("n = 0")
+def test_retry_on_conflict_applies_every_update(
+    new_session: Callable[..., Session],
+) -> None:
+    new_session("counter").run("n = 0")
 
     def step(_: int) -> str:
-        session = Session("counter", store=store_url)
-        return session.run("n += 1", retry_on_conflict=20).status
+        return new_session("counter").run("n += 1", retry_on_conflict=20).status
 
     with ThreadPoolExecutor(4) as pool:
         statuses = list(pool.map(step, range(6)))
 
     assert statuses == ["ok"] * 6
-    assert Session("counter", store=store_url).run("n").value == "6"
+    assert new_session("counter").run("n").value == "6"
 
 
-def test_killed_at_any_moment_leaves_the_last_commit(store_url: str) -> None:
-    backend = LocalBackend()
+def test_killed_at_any_moment_leaves_the_last_commit(
+    store_url: str, backend: LocalBackend
+) -> None:
     session = Session("killed", store=store_url, backend=backend)
-    session.run("import numpy as np\ndata = list(range(200000))\ncount = 0")
+    session.run("data = list(range(300000))\ncount = 0")
+    step = "data = data + [count]\ncount += 1"
+    started = time.monotonic()
+    assert session.run(step).status == "ok"
+    duration = time.monotonic() - started
     rng = random.Random(7)
-    committed = killed = 0
+    committed, killed = 1, 0
     for _ in range(12):
-        timer = threading.Timer(rng.uniform(0.05, 0.6), backend.cancel)
+        # Kill anywhere from process start to just after a normal step's end:
+        # while loading, executing, writing blobs or committing.
+        timer = threading.Timer(rng.uniform(0, duration * 1.2), backend.cancel)
         timer.start()
-        result = session.run("data = data + [count]\ncount += 1\nimport time")
+        result = session.run(step)
         timer.cancel()
         assert result.status in ("ok", "killed"), result.error
         committed += result.status == "ok"
         killed += result.status == "killed"
-        check = session.run("count, len(data) - 200000")
+        check = session.run("count, len(data) - 300000")
         assert check.value == f"({committed}, {committed})"
     assert killed >= 2, "the kills should land inside steps"
     statuses = {result.status for result in session.history()}

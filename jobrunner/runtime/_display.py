@@ -34,7 +34,7 @@ def collect_figures() -> list[dict[str, str]]:
         buffer = io.BytesIO()
         try:
             pyplot.figure(number).savefig(buffer, format="png", bbox_inches="tight")
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - one broken figure is reported
             outputs.append(
                 {"text/plain": f"<figure {number} could not be rendered: {error!r}>"}
             )

@@ -282,7 +282,7 @@ def _load_and_execute(
     try:
         exec(body, namespace)
         value = eval(last, namespace) if last else None
-    except BaseException as error:
+    except BaseException as error:  # noqa: BLE001 - user code may raise anything
         step.lap("execute")
         return _step_error(error, filename)
     step.lap("execute")
@@ -292,7 +292,7 @@ def _load_and_execute(
 def _safe_repr(value: Any) -> str:
     try:
         return repr(value)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - a broken __repr__ is the user's
         return f"<repr failed: {type(error).__name__}: {error}>"
 
 
