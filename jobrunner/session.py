@@ -13,6 +13,7 @@ from jobrunner.backends.base import (
     StepExit,
     StepLaunch,
     runtime_arguments,
+    runtime_environment,
 )
 from jobrunner.errors import (
     CommitConflict,
@@ -175,7 +176,7 @@ class Session:
             arguments=runtime_arguments(
                 self.store.url, self.store.options, self.id, attempt
             ),
-            environment=self.backend.environment(self.id),
+            environment=self._environment(),
             timeout=timeout,
         )
         ended = self.backend.run(launch, on_output)
@@ -189,6 +190,14 @@ class Session:
             result.step,
         )
         return result
+
+    def _environment(self) -> dict[str, str]:
+        """The step's environment: the backend's, then the store's secrets."""
+        key = self.store.key_for_session(self.id)
+        return {
+            **self.backend.environment(self.id),
+            **runtime_environment(self.store.options, key and key.to_text()),
+        }
 
     def _outcome_of_lost_attempt(
         self, code: str, attempt: str, requested: float, ended: StepExit

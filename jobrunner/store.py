@@ -24,9 +24,11 @@ import json
 import logging
 import os
 import re
+import struct
 import sys
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ from jobrunner.errors import (
     CheckpointCorrupted,
     CommitConflict,
     InvalidSessionId,
+    StoreError,
     StoreUnavailable,
     UnknownSession,
     UnknownStep,
@@ -43,9 +46,15 @@ from jobrunner.result import StepResult
 
 __all__ = [
     "DEFAULT_STORE",
+    "SESSION_KEY_VARIABLE",
+    "BlobParts",
     "CheckpointStore",
     "Manifest",
+    "SessionKey",
+    "blob_digest",
     "new_attempt_id",
+    "session_key",
+    "split_blob",
     "validate_session_id",
 ]
 
@@ -74,6 +83,194 @@ def new_attempt_id() -> str:
 
 def _canonical(data: dict[str, Any]) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+# Blobs: a small header, the pickle stream, then the pickle's out-of-band
+# buffers (numpy arrays, bytearrays...), each starting on a 64-byte boundary so
+# that arrays rebuilt on them are aligned. Nothing is ever joined in memory: the
+# parts are written one after the other and hashed where they are.
+_BLOB_MAGIC = b"jobrunner-blob\x00\x01"
+_BLOB_HEADER = struct.Struct("<QI")
+_BLOB_LENGTH = struct.Struct("<Q")
+_ALIGN = 64
+# Blobs are hashed in chunks of this size, the chunks in parallel, and the
+# digest is the hash of their hashes: hashing a large blob is then no slower
+# than reading or writing it, and a read can be verified while it arrives.
+HASH_CHUNK = 8 * 2**20
+_DIGEST_DOMAIN = b"jobrunner-blob-digest\x00"
+
+Buffer = bytes | bytearray | memoryview
+
+
+class BlobParts:
+    """A blob as the list of buffers it is made of, never joined.
+
+    Args:
+        stream: The pickle stream.
+        buffers: The pickle's out-of-band buffers, in the order it refers to them.
+    """
+
+    def __init__(self, stream: Buffer, buffers: Sequence[Buffer] = ()) -> None:
+        views = [memoryview(buffer).cast("B") for buffer in buffers]
+        header = _BLOB_MAGIC + _BLOB_HEADER.pack(len(stream), len(views))
+        header += b"".join(_BLOB_LENGTH.pack(view.nbytes) for view in views)
+        self.parts: list[Buffer] = [header]
+        size = len(header)
+        for part in [memoryview(stream).cast("B"), *views]:
+            padding = -size % _ALIGN
+            if padding:
+                self.parts.append(bytes(padding))
+            self.parts.append(part)
+            size += padding + part.nbytes
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def split_blob(data: Buffer) -> tuple[memoryview, list[memoryview]]:
+    """Return a blob's pickle stream and out-of-band buffers, without copying.
+
+    A blob without the header is a plain pickle stream with no buffers.
+
+    Raises:
+        ValueError: The header does not match the blob's size.
+    """
+    view = memoryview(data).cast("B")
+    if view[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+        return view, []
+    offset = len(_BLOB_MAGIC)
+    stream_size, count = _BLOB_HEADER.unpack_from(view, offset)
+    offset += _BLOB_HEADER.size
+    sizes = [stream_size]
+    for _ in range(count):
+        sizes += _BLOB_LENGTH.unpack_from(view, offset)
+        offset += _BLOB_LENGTH.size
+    pieces = []
+    for size in sizes:
+        offset += -offset % _ALIGN
+        if offset + size > view.nbytes:
+            raise ValueError("the blob is shorter than its header says")
+        pieces.append(view[offset : offset + size])
+        offset += size
+    if offset != view.nbytes:
+        raise ValueError("the blob is longer than its header says")
+    return pieces[0], pieces[1:]
+
+
+def _chunks(parts: Sequence[Buffer]) -> Iterator[list[memoryview]]:
+    """Cut a sequence of buffers into HASH_CHUNK-sized runs of views."""
+    run: list[memoryview] = []
+    room = HASH_CHUNK
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view.nbytes:
+            piece, view = view[:room], view[room:]
+            run.append(piece)
+            room -= piece.nbytes
+            if not room:
+                yield run
+                run, room = [], HASH_CHUNK
+    if run:
+        yield run
+
+
+def _hash_run(run: Sequence[memoryview]) -> bytes:
+    # hashlib releases the GIL on large updates, so runs hash in parallel.
+    digest = hashlib.sha256()
+    for view in run:
+        digest.update(view)
+    return digest.digest()
+
+
+def _combine(size: int, chunk_digests: Sequence[bytes]) -> str:
+    top = hashlib.sha256(_DIGEST_DOMAIN + size.to_bytes(8, "little"))
+    for chunk_digest in chunk_digests:
+        top.update(chunk_digest)
+    return top.hexdigest()
+
+
+class _Hasher:
+    """Hashes a blob's chunks as they arrive, on a small pool of threads."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._pool: Any = None
+        self._digests: list[Any] = []
+
+    def add(self, run: Sequence[memoryview]) -> None:
+        self.size += sum(view.nbytes for view in run)
+        if not self._digests and self.size <= HASH_CHUNK:
+            self._digests.append(run)  # hashed in digest(): likely the only one
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2))
+            self._digests = [self._pool.submit(_hash_run, r) for r in self._digests]
+        self._digests.append(self._pool.submit(_hash_run, run))
+
+    def digest(self) -> str:
+        if self._pool is None:
+            return _combine(self.size, [_hash_run(run) for run in self._digests])
+        try:
+            return _combine(self.size, [future.result() for future in self._digests])
+        finally:
+            self._pool.shutdown()
+
+
+def blob_digest(data: Buffer | BlobParts) -> str:
+    """Return the digest that names a blob: a SHA-256 hash list of its chunks."""
+    hasher = _Hasher()
+    parts = data.parts if isinstance(data, BlobParts) else [data]
+    for run in _chunks(parts):
+        hasher.add(run)
+    return hasher.digest()
+
+
+# Signing keys. Each session's manifests are signed with a key derived from the
+# master key, so that a step's process can be given its own session's key only:
+# with it, it can sign and verify that session and no other.
+SESSION_KEY_VARIABLE = "JOBRUNNER_SESSION_KEY"
+_SESSION_KEY_DOMAIN = b"jobrunner-session:"
+
+
+def session_key(master: bytes, session: str) -> bytes:
+    """Return the key that signs one session's manifests, derived from a master."""
+    message = _SESSION_KEY_DOMAIN + validate_session_id(session).encode()
+    return hmac.new(master, message, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """A signing key valid for one session only.
+
+    Attributes:
+        session: The session the key was derived for.
+        key: The derived key (see :func:`session_key`).
+    """
+
+    session: str
+    key: bytes = field(repr=False)
+
+    def to_text(self) -> str:
+        """Return the form a step's environment carries: ``<session>:<hex key>``."""
+        return f"{self.session}:{self.key.hex()}"
+
+    @classmethod
+    def from_text(cls, text: str) -> SessionKey:
+        """Parse :meth:`to_text`'s form.
+
+        Raises:
+            StoreError: The text is not a session id and a hex key.
+        """
+        session, _, key = text.partition(":")
+        try:
+            return cls(validate_session_id(session), bytes.fromhex(key))
+        except ValueError:
+            raise StoreError(
+                f"${SESSION_KEY_VARIABLE} is not of the form <session>:<hex key>"
+            ) from None
 
 
 @dataclass
@@ -131,13 +328,18 @@ class CheckpointStore:
             ``./checkpoints``.
         options: Keyword options for the fsspec filesystem (for example
             ``endpoint_url``); ignored for local folders.
-        signing_key: The key that signs and verifies manifests. Defaults to
+        signing_key: The master key that signs and verifies manifests (each
+            session's with its own key derived from it). Defaults to
             ``$JOBRUNNER_SIGNING_KEY`` or the file named by
-            ``$JOBRUNNER_SIGNING_KEY_FILE``; without one, manifests are not
+            ``$JOBRUNNER_SIGNING_KEY_FILE``; without a key, manifests are not
             signed but every blob is still checked against its digest.
+        session_key: Instead of the master key, the key of one session: the
+            store then signs and verifies that session only. Defaults to
+            ``$JOBRUNNER_SESSION_KEY`` when there is no master key.
 
     Raises:
-        StoreUnavailable: No filesystem is installed for the URL's protocol.
+        StoreUnavailable: No filesystem is installed for the URL's protocol, or
+            the signing key file cannot be read.
     """
 
     def __init__(
@@ -146,12 +348,16 @@ class CheckpointStore:
         *,
         options: dict[str, Any] | None = None,
         signing_key: bytes | str | None = None,
+        session_key: SessionKey | None = None,
     ) -> None:
         self.url = url or os.environ.get("JOBRUNNER_STORE") or DEFAULT_STORE
         self.options = dict(options or {})
         self.files: Files = open_files(self.url, self.options)
         key = signing_key if signing_key is not None else _key_from_environment()
         self._signing_key = key.encode() if isinstance(key, str) else key
+        if not self._signing_key and session_key is None:
+            session_key = _session_key_from_environment()
+        self._session_key = None if self._signing_key else session_key
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r})"
@@ -159,7 +365,26 @@ class CheckpointStore:
     @property
     def signed(self) -> bool:
         """True when manifests are signed and verified with a key."""
-        return bool(self._signing_key)
+        return bool(self._signing_key) or self._session_key is not None
+
+    def key_for_session(self, session: str) -> SessionKey | None:
+        """Return the key that signs one session's manifests, or None if unsigned.
+
+        This is what a step's process is given instead of the master key.
+
+        Raises:
+            StoreError: The store holds the key of another session only.
+        """
+        if self._signing_key:
+            return SessionKey(session, session_key(self._signing_key, session))
+        if self._session_key is None:
+            return None
+        if self._session_key.session != session:
+            raise StoreError(
+                f"this process holds the signing key of session"
+                f" {self._session_key.session!r} only, not of {session!r}"
+            )
+        return self._session_key
 
     # Sessions and steps.
 
@@ -236,12 +461,13 @@ class CheckpointStore:
                 name=path,
             ) from error
         self._verify_manifest(data, session, step, path)
+        logger.debug("verified the manifest of step %d of session %s", step, session)
         return Manifest(
             session=session,
             step=step,
-            variables=data["variables"],
-            blobs=data["blobs"],
-            modules=data["modules"],
+            variables=data.get("variables", {}),
+            blobs=data.get("blobs", {}),
+            modules=data.get("modules", {}),
             result=data.get("result", {}),
             python=data.get("python", ""),
             dill=data.get("dill"),
@@ -267,18 +493,23 @@ class CheckpointStore:
                 f" {data.get('step')!r}"
             )
         signature = data.pop("signature", None)
-        if self._signing_key:
+        if self.signed:
+            try:
+                expected = self._sign(session, data)
+            except StoreError as error:
+                raise refuse(str(error)) from None
             if not isinstance(signature, str):
                 raise refuse("it is not signed and a signing key is configured")
-            if not hmac.compare_digest(signature, self._sign(session, data)):
+            if not hmac.compare_digest(signature, expected):
                 raise refuse("its signature does not match its content")
-        for digest in data.get("blobs", {}):
-            if not _DIGEST.match(digest):
-                raise refuse(f"it lists an invalid blob digest {digest!r}")
+        problem = _shape_problem(data)
+        if problem:
+            raise refuse(problem)
 
     def _sign(self, session: str, data: dict[str, Any]) -> str:
-        assert self._signing_key
-        return hmac.new(self._signing_key, _canonical(data), hashlib.sha256).hexdigest()
+        key = self.key_for_session(session)
+        assert key is not None
+        return hmac.new(key.key, _canonical(data), hashlib.sha256).hexdigest()
 
     def commit(self, manifest: Manifest) -> None:
         """Create the manifest of a new step, only if no other step did first.
@@ -291,7 +522,7 @@ class CheckpointStore:
         manifest.python = manifest.python or sys.version.split()[0]
         manifest.created = manifest.created or _now()
         data = manifest.to_data()
-        if self._signing_key:
+        if self.signed:
             data["signature"] = self._sign(manifest.session, data)
         path = self._manifest_path(manifest.session, manifest.step)
         try:
@@ -307,32 +538,50 @@ class CheckpointStore:
     def _blob_path(digest: str) -> str:
         return f"blobs/{digest[:2]}/{digest}"
 
-    def write_blob(self, data: bytes, digest: str | None = None) -> int:
-        """Store a blob unless the store holds it already; return bytes written."""
-        digest = digest or hashlib.sha256(data).hexdigest()
+    def write_blob(self, data: Buffer | BlobParts, digest: str | None = None) -> int:
+        """Store a blob unless the store holds it already; return bytes written.
+
+        Args:
+            data: The blob's bytes, or its parts (written one after the other,
+                never joined in memory).
+            digest: The blob's :func:`blob_digest`, when the caller has it.
+        """
+        digest = digest or blob_digest(data)
         path = self._blob_path(digest)
         if self.files.exists(path):
             return 0
-        self.files.write(path, data)
+        parts = data.parts if isinstance(data, BlobParts) else [data]
+        self.files.write_parts(path, parts)
         return len(data)
 
-    def read_blob(self, digest: str, *, session: str = "", name: str = "") -> bytes:
+    def read_blob(self, digest: str, *, session: str = "", name: str = "") -> bytearray:
         """Return a blob's bytes after checking them against their digest.
+
+        The bytes are a private, writable buffer: arrays rebuilt on it are
+        writable, and nobody can change it between its check and its use.
 
         Raises:
             CheckpointCorrupted: The blob is missing or its bytes do not match.
         """
         what = f"the blob {digest} holding {name!r}" if name else f"the blob {digest}"
         where = f" of session {session!r}" if session else ""
+        if not _DIGEST.match(digest):
+            raise CheckpointCorrupted(
+                f"{what}{where} has an invalid digest", session=session, name=name
+            )
+        hasher = _Hasher()
         try:
-            data = self.files.read(self._blob_path(digest))
+            data = self.files.read_into(
+                self._blob_path(digest), HASH_CHUNK, lambda view: hasher.add([view])
+            )
         except FileNotFoundError:
+            hasher.digest()
             raise CheckpointCorrupted(
                 f"{what}{where} is missing from the store {self.url}",
                 session=session,
                 name=name,
             ) from None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if hasher.digest() != digest:
             raise CheckpointCorrupted(
                 f"{what}{where} does not match its digest: it was corrupted or"
                 " tampered with, and was not loaded",
@@ -423,6 +672,25 @@ def _posix_time(stamp: str) -> float:
         return float(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
         return 0.0
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """Say what is wrong with a manifest's structure, or return None."""
+    for part in ("variables", "blobs", "modules", "result"):
+        if not isinstance(data.get(part, {}), dict):
+            return f"its {part} are not a mapping"
+    for digest in data.get("blobs", {}):
+        if not _DIGEST.match(digest):
+            return f"it lists an invalid blob digest {digest!r}"
+    for name, entry in data.get("variables", {}).items():
+        if not isinstance(entry, dict) or entry.get("blob") not in data["blobs"]:
+            return f"the variable {name!r} names a blob it does not list"
+    return None
+
+
+def _session_key_from_environment() -> SessionKey | None:
+    text = os.environ.get(SESSION_KEY_VARIABLE)
+    return SessionKey.from_text(text) if text else None
 
 
 def _key_from_environment() -> bytes | None:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from jobrunner.errors import JobRunnerError
+from jobrunner.errors import JobRunnerError, StoreUnavailable
 from jobrunner.runtime._step import run_step
 from jobrunner.store import CheckpointStore, validate_session_id
 
 STORE_FAILED = 3
+# Store options that may hold secrets come as JSON in this variable, never as
+# arguments (see jobrunner.backends.base.runtime_environment).
+STORE_OPTIONS_VARIABLE = "JOBRUNNER_STORE_OPTIONS"
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -48,11 +52,26 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _secret_options() -> dict[str, Any]:
+    text = os.environ.get(STORE_OPTIONS_VARIABLE)
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        # The value is not repeated: it holds secrets.
+        raise StoreUnavailable(f"${STORE_OPTIONS_VARIABLE} is not a JSON object")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = _arguments(argv)
     try:
         validate_session_id(arguments.session)
-        store = CheckpointStore(arguments.store, options=dict(arguments.store_option))
+        options = {**dict(arguments.store_option), **_secret_options()}
+        store = CheckpointStore(arguments.store, options=options)
         run_step(store, arguments.session, arguments.attempt)
     except JobRunnerError as error:
         print(f"jobrunner: {error}", file=sys.stderr)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import abc
 import enum
 import gc
-import hashlib
 import importlib
 import io
 import pickle
@@ -34,9 +33,14 @@ from collections.abc import Callable, Iterable
 from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
+from jobrunner.store import BlobParts, blob_digest, split_blob
+
 __all__ = ["Loader", "Saved", "code_names", "save_namespace"]
 
 PROTOCOL = 5
+# Buffers at least this large (numpy arrays, bytearrays...) are written out of
+# band: after the pickle stream, straight from the object's memory.
+OUT_OF_BAND = 64 * 1024
 # Names the runtime puts in every namespace; they are never saved.
 RESERVED = frozenset(
     {"__builtins__", "__name__", "__doc__", "__spec__", "__loader__", "__package__"}
@@ -110,8 +114,10 @@ class _Pickling:
 class _FastPickler(pickle.Pickler):
     """The C pickler; writes top-level objects and modules by name."""
 
-    def __init__(self, file: io.BytesIO, pickling: _Pickling) -> None:
-        super().__init__(file, protocol=PROTOCOL)
+    def __init__(
+        self, file: io.BytesIO, pickling: _Pickling, buffers: _Buffers
+    ) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffers.take)
         self.pickling = pickling
 
     def reducer_override(self, obj: Any) -> Any:
@@ -126,7 +132,25 @@ class _FastPickler(pickle.Pickler):
         return NotImplemented
 
 
-def _dill_pickler(file: io.BytesIO, pickling: _Pickling) -> Any:
+class _Buffers:
+    """Collects the large buffers a pickler hands over, to write them out of band."""
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+
+    def take(self, buffer: pickle.PickleBuffer) -> bool:
+        """Keep a large contiguous buffer out of band; say True to keep it inline."""
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: pickled in the stream instead
+            return True
+        if view.nbytes < OUT_OF_BAND:
+            return True
+        self.views.append(view)
+        return False
+
+
+def _dill_pickler(file: io.BytesIO, pickling: _Pickling, buffers: _Buffers) -> Any:
     import dill
 
     refused = _refused_types()
@@ -155,7 +179,13 @@ def _dill_pickler(file: io.BytesIO, pickling: _Pickling) -> Any:
                 return _reduce_enum(obj)
             return _reduce_class(obj)
 
-    return SessionPickler(file, protocol=PROTOCOL, byref=False, recurse=False)
+    return SessionPickler(
+        file,
+        protocol=PROTOCOL,
+        byref=False,
+        recurse=False,
+        buffer_callback=buffers.take,
+    )
 
 
 # What an enum class's dict holds that its metaclass rebuilds from the members.
@@ -250,28 +280,33 @@ def _needs_dill(value: Any, namespace: dict[str, Any]) -> bool:
     return isinstance(value, type) and value.__module__ == namespace["__name__"]
 
 
-def _pickle(values: dict[str, Any], pickling: _Pickling, use_dill: bool) -> bytes:
+def _pickle(values: dict[str, Any], pickling: _Pickling, use_dill: bool) -> BlobParts:
     file = io.BytesIO()
-    pickler = (
-        _dill_pickler(file, pickling) if use_dill else _FastPickler(file, pickling)
-    )
+    buffers = _Buffers()
+    if use_dill:
+        pickler = _dill_pickler(file, pickling, buffers)
+    else:
+        pickler = _FastPickler(file, pickling, buffers)
     with warnings.catch_warnings():
         # dill warns when it falls back to a reference; what it cannot do is
         # reported as a dropped name, and its warnings would only reach the
         # user's stderr.
         warnings.simplefilter("ignore")
         pickler.dump(values)
-    return file.getvalue()
+    # getbuffer() shares the stream's memory instead of copying it out.
+    return BlobParts(file.getbuffer(), buffers.views)
 
 
 class _Blob:
-    """One pickled group of variables."""
+    """One pickled group of variables: its parts, written without joining them."""
 
-    def __init__(self, names: set[str], data: bytes, pickler: str, pickling: _Pickling):
+    def __init__(
+        self, names: set[str], data: BlobParts, pickler: str, pickling: _Pickling
+    ):
         self.names = names
         self.data = data
         self.pickler = pickler
-        self.digest = hashlib.sha256(data).hexdigest()
+        self.digest = blob_digest(data)
         self.refs = pickling.refs
         self.needs = pickling.refs | pickling.reads
 
@@ -472,8 +507,10 @@ def save_namespace(namespace: dict[str, Any], names: Iterable[str]) -> Saved:
 
 
 class _SessionUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, loader: Loader) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(
+        self, stream: memoryview, buffers: list[memoryview], loader: Loader
+    ) -> None:
+        super().__init__(io.BytesIO(stream), buffers=buffers)
         self.loader = loader
 
     def find_class(self, module: str, name: str) -> Any:
@@ -514,7 +551,7 @@ class Loader:
         namespace: dict[str, Any],
         variables: dict[str, dict[str, Any]],
         modules: dict[str, str],
-        read_blob: Callable[[str, str], bytes],
+        read_blob: Callable[[str, str], bytes | bytearray],
         describe_writer: str,
     ) -> None:
         self.namespace = namespace
@@ -578,7 +615,10 @@ class Loader:
         data = self.read_blob(digest, name)
         self._loading.add(digest)
         try:
-            values = _SessionUnpickler(data, self).load()
+            # The buffers are views of the blob's private, writable memory:
+            # arrays rebuilt on them are neither copied nor read-only.
+            stream, buffers = split_blob(data)
+            values = _SessionUnpickler(stream, buffers, self).load()
         except LoadFailed:
             raise
         except Exception as error:
