@@ -243,7 +243,9 @@ def _report(outcome: NotebookRun) -> None:
         )
         return
     if error is not None and error.traceback:
-        terminal.print(error.traceback.rstrip(), style="red", markup=False)
+        terminal.print(
+            error.traceback.rstrip(), style="red", markup=False, highlight=False
+        )
     terminal.print(
         f"[red]failed[/red] at {place}: {escape(str(error))}; {escape(summary)}",
         highlight=False,

@@ -341,6 +341,25 @@ def test_a_figure_becomes_an_image_output(tmp_path: Path) -> None:
     assert second.outputs[0].data["text/plain"] == "[1, 3, 2]"
 
 
+def test_notebook_and_output_at_fsspec_urls(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    with fsspec.open("memory://notebooks/in.py", "w") as stream:
+        stream.write('# %% tags=["parameters"]\nn = 1\n\n# %%\nn * 2\n')
+
+    run = run_notebook(
+        "memory://notebooks/in.py",
+        parameters={"n": 21},
+        output="memory://notebooks/out.ipynb",
+        store=str(tmp_path / "store"),
+    )
+
+    with fsspec.open("memory://notebooks/out.ipynb", "r") as stream:
+        written = nbformat.read(stream, as_version=4)
+    assert run.status == "completed"
+    assert written.cells[2].outputs[0].data["text/plain"] == "42"
+    fsspec.filesystem("memory").rm("/notebooks", recursive=True)
+
+
 # Resume
 
 
