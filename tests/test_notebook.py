@@ -13,6 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from typer.testing import CliRunner
 
 from jobrunner import InvalidInput, Session
+from jobrunner.backends.local import LocalBackend
 from jobrunner.cli import app
 from jobrunner.notebook import (
     CellRun,
@@ -234,11 +235,14 @@ def test_example_notebook_with_parameters(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_percent_example_records_a_tolerated_error(tmp_path: Path) -> None:
+def test_percent_example_records_a_tolerated_error(
+    tmp_path: Path, backend: LocalBackend
+) -> None:
     run = run_notebook(
         str(EXAMPLES / "greeting.py"),
         parameters={"name": "Ada"},
         store=str(tmp_path / "store"),
+        backend=backend,
     )
 
     code = [c for c in run.notebook.cells if c.cell_type == "code"]
@@ -321,7 +325,9 @@ def test_a_cell_that_times_out_stops_the_run(tmp_path: Path) -> None:
     assert _outputs(run.notebook.cells[0])[0][1][0] == "Timeout"
 
 
-def test_a_figure_becomes_an_image_output(tmp_path: Path) -> None:
+def test_a_figure_becomes_an_image_output(
+    tmp_path: Path, backend: LocalBackend
+) -> None:
     pytest.importorskip("matplotlib")
     path = _notebook(
         tmp_path / "nb.ipynb",
@@ -329,7 +335,7 @@ def test_a_figure_becomes_an_image_output(tmp_path: Path) -> None:
         "fig.axes[0].get_lines()[0].get_ydata().tolist()",
     )
 
-    run = run_notebook(path, store=str(tmp_path / "store"))
+    run = run_notebook(path, store=str(tmp_path / "store"), backend=backend)
 
     first, second = (c for c in run.notebook.cells)
     assert run.status == "completed"
