@@ -148,17 +148,18 @@ class LocalFiles:
 
 
 # S3 settings that make a store that is down fail in seconds rather than minutes.
-# jobrunner retries whole operations itself (see FsspecFiles._retry), so the
-# layers below retry little; explicit options of the store override these.
+# jobrunner retries whole operations itself, with backoff (FsspecFiles._retry):
+# retries in the layers below would multiply with its own, so they are off.
+# Explicit options of the store override these.
 _S3_DEFAULTS: dict[str, Any] = {
     "config_kwargs": {
         "connect_timeout": 5,
         "read_timeout": 60,
-        "retries": {"max_attempts": 2, "mode": "standard"},
+        "retries": {"max_attempts": 1, "mode": "standard"},
     },
 }
 # How many times s3fs itself tries a request that failed in transit.
-_S3FS_TRIES = 2
+_S3FS_TRIES = 1
 # Objects up to this size are sent in one PUT; larger ones in parts this size.
 _S3_PART = 32 * 2**20
 

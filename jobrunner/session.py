@@ -180,9 +180,21 @@ class Session:
             timeout=timeout,
         )
         ended = self.backend.run(launch, on_output)
-        result = self.store.attempt(self.id, attempt)
-        if result is None:
-            result = self._outcome_of_lost_attempt(code, attempt, requested, ended)
+        try:
+            result = self.store.attempt(self.id, attempt)
+            if result is None:
+                result = self._outcome_of_lost_attempt(code, attempt, requested, ended)
+        except StoreUnavailable as error:
+            # The store went down during the step: nothing more can be learned
+            # or recorded, and the step's commit, if any, is found next time.
+            result = StepResult(
+                session=self.id,
+                attempt=attempt,
+                status="error",
+                code=code,
+                error=StepError(StoreUnavailable.__name__, str(error)),
+                base_step=launch.step - 1,
+            )
         logger.info(
             "step of session %s ended: %s (committed step %s)",
             self.id,

@@ -10,6 +10,7 @@ answer.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
@@ -121,7 +122,23 @@ class _ProxyServer(ThreadingHTTPServer):
     def __init__(self, port: int, upstream: tuple[str, int], faults: Faults):
         self.upstream = upstream
         self.faults = faults
+        self.connections: set[socket.socket] = set()
         super().__init__(("127.0.0.1", port), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        self.connections.add(connection)
+        return connection, address
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Cut the kept-alive connections too, as a process that dies would."""
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class S3Server:
@@ -160,6 +177,7 @@ class S3Server:
             return
         self._proxy.shutdown()
         self._proxy.server_close()
+        self._proxy.drop_connections()
         assert self._thread is not None
         self._thread.join()
         self._proxy = None
