@@ -296,7 +296,9 @@ class FsspecFiles:
             return buffer
         # Chunks are handed on only once the whole read succeeded, since a
         # retried read starts again from the beginning.
-        buffer = self._retry(lambda: self._s3_read(full, chunk), "read")
+        # Ranges as large as s3fs's own reads: each GET costs the server a setup.
+        ranges = max(chunk, self.fs.default_block_size)
+        buffer = self._retry(lambda: self._s3_read(full, ranges), "read")
         _in_chunks(buffer, chunk, on_chunk)
         return buffer
 
