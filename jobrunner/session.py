@@ -206,10 +206,10 @@ class Session:
     def _environment(self) -> dict[str, str]:
         """The step's environment: the backend's, then the store's secrets."""
         key = self.store.key_for_session(self.id)
-        return {
-            **self.backend.environment(self.id),
-            **runtime_environment(self.store.options, key and key.to_text()),
-        }
+        secrets = runtime_environment(
+            self.store.options, key.to_text() if key else None
+        )
+        return {**self.backend.environment(self.id), **secrets}
 
     def _outcome_of_lost_attempt(
         self, code: str, attempt: str, requested: float, ended: StepExit
