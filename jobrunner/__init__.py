@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jobrunner.backends.base import Backend
+    from jobrunner.backends.kubernetes import KubernetesBackend, KubernetesOptions
     from jobrunner.backends.local import LocalBackend
     from jobrunner.errors import (
         BackendError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         UnknownStep,
         Unschedulable,
     )
+    from jobrunner.notebook import CellRun, NotebookRun, run_notebook
     from jobrunner.result import StepError, StepResult, Timings
     from jobrunner.session import Session, list_sessions
     from jobrunner.store import CheckpointStore
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "Backend": "jobrunner.backends.base",
     "BackendError": "jobrunner.errors",
+    "CellRun": "jobrunner.notebook",
     "CheckpointCorrupted": "jobrunner.errors",
     "CheckpointStore": "jobrunner.store",
     "ClusterUnavailable": "jobrunner.errors",
@@ -55,8 +58,11 @@ _WHERE = {
     "ImagePullFailed": "jobrunner.errors",
     "InvalidInput": "jobrunner.errors",
     "InvalidSessionId": "jobrunner.errors",
+    "KubernetesBackend": "jobrunner.backends.kubernetes",
+    "KubernetesOptions": "jobrunner.backends.kubernetes",
     "JobRunnerError": "jobrunner.errors",
     "LocalBackend": "jobrunner.backends.local",
+    "NotebookRun": "jobrunner.notebook",
     "PodEvicted": "jobrunner.errors",
     "Session": "jobrunner.session",
     "StepCrashed": "jobrunner.errors",
@@ -70,11 +76,13 @@ _WHERE = {
     "UnknownStep": "jobrunner.errors",
     "Unschedulable": "jobrunner.errors",
     "list_sessions": "jobrunner.session",
+    "run_notebook": "jobrunner.notebook",
 }
 
 __all__ = [
     "Backend",
     "BackendError",
+    "CellRun",
     "CheckpointCorrupted",
     "CheckpointStore",
     "ClusterUnavailable",
@@ -83,7 +91,10 @@ __all__ = [
     "InvalidInput",
     "InvalidSessionId",
     "JobRunnerError",
+    "KubernetesBackend",
+    "KubernetesOptions",
     "LocalBackend",
+    "NotebookRun",
     "PodEvicted",
     "Session",
     "StepCrashed",
@@ -97,6 +108,7 @@ __all__ = [
     "UnknownStep",
     "Unschedulable",
     "list_sessions",
+    "run_notebook",
 ]
 
 

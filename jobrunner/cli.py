@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobrunner import cli_backend
 from jobrunner.cli_notebook import notebook_app
 from jobrunner.errors import InvalidInput, JobRunnerError
 from jobrunner.result import StepResult
@@ -158,13 +159,45 @@ def run(
     store: StoreOption = None,
     store_option: StoreOptions = None,
     as_json: JsonOption = False,
+    backend: cli_backend.BackendName = "local",
+    warm: cli_backend.Warm = False,
+    memory: cli_backend.Memory = None,
+    cpu: cli_backend.Cpu = None,
+    gpus: cli_backend.Gpus = 0,
+    image: cli_backend.Image = None,
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+    retry_oom: cli_backend.RetryOom = False,
+    env_secret: cli_backend.EnvSecret = None,
+    service_account: cli_backend.ServiceAccount = None,
+    node_selector: cli_backend.NodeSelector = None,
 ) -> None:
     """Run one step of a session and show its output and value."""
     if not session:
         _fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
     source = _read_code(code, file)
+    choice = cli_backend.BackendChoice(
+        name=backend,
+        warm=warm,
+        memory=memory,
+        cpu=cpu,
+        gpus=gpus,
+        image=image,
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        retry_oom=retry_oom,
+        env_secret=env_secret,
+        service_account=service_account,
+        node_selector=tuple(node_selector or ()),
+    )
     with _errors_reported():
-        runner = Session(session, store=_store(store, store_option))
+        runner = Session(
+            session,
+            store=_store(store, store_option),
+            backend=cli_backend.make_backend(choice),
+        )
         if as_json:
             result = runner.run(
                 source, timeout=timeout, retry_on_conflict=retry_conflicts
@@ -188,6 +221,9 @@ def _run_live(start: Callable[[Any], StepResult]) -> StepResult:
     with errors.status("running the step...", spinner="dots"):
         try:
             return start(live)
+        except KeyboardInterrupt:
+            live.flush()
+            _fail("interrupted: the step was stopped and the session is unchanged", 130)
         finally:
             live.flush()
 

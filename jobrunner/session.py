@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # The runtime's exit code when it could not use the store (see its __main__).
 _STORE_FAILED = 3
+# How a backend says a step's process was stopped, and the error type reported.
+_KILLED = {"killed": "Killed", "cancelled": "Cancelled", "oom": "OutOfMemory"}
 
 
 @dataclass(frozen=True)
@@ -295,8 +297,8 @@ def _failure(ended: StepExit) -> tuple[str, StepError]:
     last_line = ended.stderr_tail.strip().splitlines()[-1:] or [""]
     if ended.reason == "timeout":
         return "timeout", StepError("Timeout", ended.message)
-    if ended.reason in ("killed", "cancelled", "oom"):
-        return "killed", StepError(ended.reason.capitalize(), ended.message)
+    if ended.reason in _KILLED:
+        return "killed", StepError(_KILLED[ended.reason], ended.message)
     if ended.exit_code == _STORE_FAILED:
         message = last_line[0].removeprefix("jobrunner: ")
         return "error", StepError(StoreUnavailable.__name__, message)

@@ -214,6 +214,11 @@ class LocalBackend(Backend):
         ]
         try:
             return self._wait(process, launch, readers, tail)
+        except KeyboardInterrupt:
+            # The step runs in its own session, out of reach of the terminal's
+            # Ctrl-C: stop it here, before it can commit.
+            _kill_group(process.pid)
+            raise
         finally:
             if isinstance(process, _Forked):
                 process.close()

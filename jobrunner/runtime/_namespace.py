@@ -319,7 +319,7 @@ def _pickle_group(
         pickling = _Pickling(namespace, by_name, names)
         try:
             return _Blob(names, _pickle(values, pickling, False), "pickle", pickling)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the C pickler refuses, dill tries
             pass
     pickling = _Pickling(namespace, by_name, names)
     return _Blob(names, _pickle(values, pickling, True), "dill", pickling)
@@ -452,7 +452,7 @@ def _pickle_or_drop(
     try:
         saved.blobs.append(_pickle_group(names, namespace, by_name))
         return
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure drops the name, reported
         if len(names) == 1:
             (name,) = names
             saved.dropped[name] = _reason(namespace[name], error)
@@ -463,7 +463,7 @@ def _pickle_or_drop(
         try:
             _pickle_group({name}, namespace, by_name)
             keep.add(name)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - reported as a dropped name
             saved.dropped[name] = _reason(namespace[name], error)
     if keep:
         _pickle_or_drop(keep, namespace, by_name, saved)
@@ -635,7 +635,7 @@ class Loader:
         self.loaded.add(name)
         try:
             module = importlib.import_module(self.modules[name])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any import failure is reported
             # The name stays unbound (a NameError if the code uses it) and the
             # step goes on: a module missing here may not be needed by this step.
             self.warnings.append(

@@ -1,0 +1,183 @@
+"""Command-line options that choose and configure where steps run.
+
+Shared by every command that runs steps (``run``, ``notebook run``), so that
+``--backend kubernetes --image ... --memory 1Gi`` means the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+from jobrunner.backends._quantity import memory_bytes
+from jobrunner.backends.base import Backend
+from jobrunner.errors import InvalidInput
+
+__all__ = ["BackendChoice", "make_backend"]
+
+_PANEL = "Where steps run"
+
+BackendName = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        envvar="JOBRUNNER_BACKEND",
+        help="local (a process per step) or kubernetes (a Job per step).",
+        rich_help_panel=_PANEL,
+    ),
+]
+Warm = Annotated[
+    bool,
+    typer.Option(
+        "--warm",
+        help="local: fork each step from a warm parent (faster start).",
+        rich_help_panel=_PANEL,
+    ),
+]
+Memory = Annotated[
+    str | None,
+    typer.Option(
+        "--memory",
+        help="Memory limit of a step, e.g. 512Mi (local: address space).",
+        rich_help_panel=_PANEL,
+    ),
+]
+Cpu = Annotated[
+    str | None,
+    typer.Option(
+        "--cpu", help="kubernetes: CPU limit, e.g. 500m.", rich_help_panel=_PANEL
+    ),
+]
+Gpus = Annotated[
+    int,
+    typer.Option(
+        "--gpus", help="kubernetes: nvidia.com/gpu to request.", rich_help_panel=_PANEL
+    ),
+]
+Image = Annotated[
+    str | None,
+    typer.Option(
+        "--image",
+        envvar="JOBRUNNER_IMAGE",
+        help="kubernetes: the step image.",
+        rich_help_panel=_PANEL,
+    ),
+]
+Namespace = Annotated[
+    str,
+    typer.Option(
+        "--namespace",
+        "-n",
+        envvar="JOBRUNNER_NAMESPACE",
+        help="kubernetes: the namespace.",
+        rich_help_panel=_PANEL,
+    ),
+]
+Kubeconfig = Annotated[
+    str | None,
+    typer.Option(
+        "--kubeconfig", help="kubernetes: a kubeconfig file.", rich_help_panel=_PANEL
+    ),
+]
+Context = Annotated[
+    str | None,
+    typer.Option(
+        "--context", help="kubernetes: the kubeconfig context.", rich_help_panel=_PANEL
+    ),
+]
+RetryOom = Annotated[
+    bool,
+    typer.Option(
+        "--retry-oom",
+        help="kubernetes: rerun an OOM-killed step with twice the memory.",
+        rich_help_panel=_PANEL,
+    ),
+]
+EnvSecret = Annotated[
+    str | None,
+    typer.Option(
+        "--env-secret",
+        help="kubernetes: a Secret whose keys become environment.",
+        rich_help_panel=_PANEL,
+    ),
+]
+ServiceAccount = Annotated[
+    str | None,
+    typer.Option(
+        "--service-account",
+        help="kubernetes: the pod's ServiceAccount.",
+        rich_help_panel=_PANEL,
+    ),
+]
+NodeSelector = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--node-selector",
+        metavar="KEY=VALUE",
+        help="kubernetes: a node label to require.",
+        rich_help_panel=_PANEL,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What the backend options of one command said."""
+
+    name: str = "local"
+    warm: bool = False
+    memory: str | None = None
+    cpu: str | None = None
+    gpus: int = 0
+    image: str | None = None
+    namespace: str = "default"
+    kubeconfig: str | None = None
+    context: str | None = None
+    retry_oom: bool = False
+    env_secret: str | None = None
+    service_account: str | None = None
+    node_selector: tuple[str, ...] = ()
+
+
+def make_backend(choice: BackendChoice) -> Backend:
+    """Build the backend the options describe.
+
+    Raises:
+        InvalidInput: An unknown backend or a malformed option.
+    """
+    if choice.name == "local":
+        from jobrunner.backends.local import LocalBackend
+
+        limit = memory_bytes(choice.memory) if choice.memory else None
+        return LocalBackend(warm=choice.warm, memory_limit=limit)
+    if choice.name == "kubernetes":
+        return _kubernetes(choice)
+    raise InvalidInput(f"unknown backend {choice.name!r}: use local or kubernetes")
+
+
+def _kubernetes(choice: BackendChoice) -> Backend:
+    from jobrunner.backends.kubernetes import KubernetesBackend, KubernetesOptions
+
+    selector = {}
+    for pair in choice.node_selector:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise InvalidInput(f"--node-selector expects KEY=VALUE, got {pair!r}")
+        selector[key] = value
+    options = KubernetesOptions(
+        namespace=choice.namespace,
+        image=choice.image or KubernetesOptions.image,
+        memory_limit=choice.memory,
+        memory_request=choice.memory,
+        cpu_limit=choice.cpu,
+        gpus=choice.gpus,
+        retry_oom=choice.retry_oom,
+        env_secret=choice.env_secret,
+        service_account=choice.service_account,
+        node_selector=selector,
+    )
+    return KubernetesBackend(
+        options, kubeconfig=choice.kubeconfig, context=choice.context
+    )
