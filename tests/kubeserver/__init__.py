@@ -32,6 +32,7 @@ here, else a fresh folder per pod that survives in-place restarts. stdout and
 stderr are the pod log (pipes: Python block-buffers them unless flushed or
 ``PYTHONUNBUFFERED`` is set, as in a real pod). A pod's log is readable once
 its container has started; before that the answer is 400, as on a cluster.
+Logs hold whole lines per stream, so stdout and stderr never split a line.
 ``backoffLimit``, ``activeDeadlineSeconds`` and ``ttlSecondsAfterFinished`` are
 honoured; ``restartPolicy: OnFailure`` restarts the process in the same pod.
 

@@ -391,16 +391,15 @@ class _JobWorker:
         def count(status: dict[str, Any]) -> None:
             status["active"] = 1
 
-        job = self.update(count)
-        if job:
-            self.cluster.record(
-                job,
-                "Normal",
-                "SuccessfulCreate",
-                f"Created pod: {name}",
-                "job-controller",
-            )
+        self._announce("Normal", "SuccessfulCreate", f"Created pod: {name}")
+        self.update(count)
         return runtime, created
+
+    def _announce(self, kind: str, reason: str, message: str) -> None:
+        # Events go first, so that a client that sees a status finds its events.
+        job = self.store.find("jobs", self.namespace, self.name)
+        if job and job["metadata"]["uid"] == self.uid:
+            self.cluster.record(job, kind, reason, message, "job-controller")
 
     def pick_fault(self, pod: Object) -> Injection | None:
         """The fault for a new pod: an injected rule, else an annotation."""
@@ -433,11 +432,8 @@ class _JobWorker:
                 probed=True,
             )
 
-        job = self.update(complete)
-        if job:
-            self.cluster.record(
-                job, "Normal", "Completed", "Job completed", "job-controller"
-            )
+        self._announce("Normal", "Completed", "Job completed")
+        self.update(complete)
         logger.info("job %s/%s completed", self.namespace, self.name)
 
     def _count_failure(self, failures: int) -> None:
@@ -453,9 +449,8 @@ class _JobWorker:
             set_condition(status, "FailureTarget", "True", reason, message, probed=True)
             set_condition(status, "Failed", "True", reason, message, probed=True)
 
-        job = self.update(fail)
-        if job:
-            self.cluster.record(job, "Warning", reason, message, "job-controller")
+        self._announce("Warning", reason, message)
+        self.update(fail)
         logger.info("job %s/%s failed: %s", self.namespace, self.name, reason)
 
     def _expire_after_ttl(self) -> None:
@@ -528,13 +523,13 @@ class _PodRun:
 
     def _unschedulable(self) -> Ending:
         message = _UNSCHEDULABLE_MESSAGE
+        self.record(
+            "Warning", "FailedScheduling", message, "default-scheduler", container=False
+        )
         self.update_status(
             lambda s: set_condition(
                 s, "PodScheduled", "False", "Unschedulable", message
             )
-        )
-        self.record(
-            "Warning", "FailedScheduling", message, "default-scheduler", container=False
         )
         return self._blocked()
 
@@ -563,8 +558,6 @@ class _PodRun:
             )
             set_condition(status, "PodScheduled", "True")
 
-        self.update(schedule)
-        self.set_container(waiting("ContainerCreating"))
         self.record(
             "Normal",
             "Scheduled",
@@ -572,6 +565,8 @@ class _PodRun:
             "default-scheduler",
             container=False,
         )
+        self.update(schedule)
+        self.set_container(waiting("ContainerCreating"))
 
     def _image_missing(self) -> bool:
         image = self.container["image"]
@@ -588,22 +583,22 @@ class _PodRun:
             f'reference "{reference}": {reference}: not found'
         )
         self.record("Normal", "Pulling", f'Pulling image "{image}"')
-        self.set_container(waiting("ErrImagePull", failure))
         self.record("Warning", "Failed", f'Failed to pull image "{image}": {failure}')
         self.record("Warning", "Failed", "Error: ErrImagePull")
+        self.set_container(waiting("ErrImagePull", failure))
         if (
             self.cluster.stopping.wait(self.cluster.settings.image_pull_backoff_after)
             or self.runtime.deletion.is_set()
         ):
             return self._blocked()
+        self.record("Normal", "BackOff", f'Back-off pulling image "{image}"')
+        self.record("Warning", "Failed", "Error: ImagePullBackOff")
         self.set_container(
             waiting(
                 "ImagePullBackOff",
                 f'Back-off pulling image "{image}": ErrImagePull: {failure}',
             )
         )
-        self.record("Normal", "BackOff", f'Back-off pulling image "{image}"')
-        self.record("Warning", "Failed", "Error: ImagePullBackOff")
         return self._blocked()
 
     def _blocked(self) -> Ending:
@@ -638,8 +633,8 @@ class _PodRun:
         try:
             argv, env, cwd = self._prepare()
         except ConfigError as error:
-            self.set_container(waiting("CreateContainerConfigError", str(error)))
             self.record("Warning", "Failed", f"Error: {error}")
+            self.set_container(waiting("CreateContainerConfigError", str(error)))
             return self._blocked()
         image = self.container["image"]
         self.record(
@@ -724,10 +719,10 @@ class _PodRun:
             ending.outcome = "backoff"
             return False
         self.restarts += 1
+        self.record("Warning", "BackOff", "Back-off restarting failed container")
         self.set_container(
             waiting("CrashLoopBackOff", "back-off restarting failed container")
         )
-        self.record("Warning", "BackOff", "Back-off restarting failed container")
         return True
 
     def _end(self, ending: Ending) -> Ending:
@@ -736,6 +731,7 @@ class _PodRun:
         started = self.runtime.started_at or now()
         state = terminated(ending.exit_code, ending.reason, started, None)
         succeeded = ending.outcome == "succeeded"
+        self._announce_end(ending)
         if self.runtime.process is not None or ending.reason == "StartError":
             self.set_container(state)
 
@@ -749,6 +745,13 @@ class _PodRun:
             set_condition(status, "PodReadyToStartContainers", "False")
 
         self.update_status(finish)
+        if ending.outcome == "deleted" and self.runtime.process is not None:
+            # Already gone when a second delete request raced this one.
+            with contextlib.suppress(ApiError):
+                self.store.delete("pods", self.namespace, self.name)
+        return ending
+
+    def _announce_end(self, ending: Ending) -> None:
         if ending.outcome == "deadline":
             self.record(
                 "Normal", "DeadlineExceeded", _DEADLINE_MESSAGE, container=False
@@ -757,7 +760,3 @@ class _PodRun:
             self.record(
                 "Normal", "Killing", f"Stopping container {self.container['name']}"
             )
-            # Already gone when a second delete request raced this one.
-            with contextlib.suppress(ApiError):
-                self.store.delete("pods", self.namespace, self.name)
-        return ending

@@ -85,9 +85,16 @@ class ContainerProcess:
 
     def _reader(self, stream: str, pipe: IO[bytes]) -> threading.Thread:
         def read() -> None:
+            # Whole lines only, as the container runtime logs them: a line is
+            # never split by the other stream's output.
+            pending = b""
             with pipe:
                 for data in iter(lambda: os.read(pipe.fileno(), 65536), b""):
-                    self.log.append(stream, data)
+                    lines, newline, pending = (pending + data).rpartition(b"\n")
+                    if newline:
+                        self.log.append(stream, lines + newline)
+            if pending:
+                self.log.append(stream, pending)
 
         thread = threading.Thread(target=read, name=f"kubeserver-{stream}", daemon=True)
         thread.start()
