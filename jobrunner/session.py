@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +153,7 @@ class Session:
             BackendError: The backend could not run the step.
         """
         source = _source(code)
+        _check_options(timeout, retry_on_conflict, output_limit)
         for attempt in range(retry_on_conflict + 1):
             result = self._attempt(source, timeout, on_output, output_limit)
             if result.status != "conflict" or attempt == retry_on_conflict:
@@ -175,8 +177,10 @@ class Session:
             session=self.id,
             attempt=attempt,
             step=self.store.head(self.id) + 1,
+            # The store's full URL (an absolute path for a folder): the step
+            # does not run in the caller's working directory.
             arguments=runtime_arguments(
-                self.store.url, self.store.options, self.id, attempt
+                self.store.files.url, self.store.options, self.id, attempt
             ),
             environment=self._environment(),
             timeout=timeout,
@@ -290,6 +294,25 @@ def _source(code: str | bytes) -> str:
     if "\x00" in code:
         raise InvalidInput("the step's code contains a NUL character")
     return code
+
+
+def _check_options(
+    timeout: float | None, retry_on_conflict: int, output_limit: int | None
+) -> None:
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise InvalidInput(
+            f"timeout must be a positive number of seconds, not {timeout!r}"
+        )
+    if not isinstance(retry_on_conflict, int) or retry_on_conflict < 0:
+        raise InvalidInput(
+            f"retry_on_conflict must be a whole number >= 0, not {retry_on_conflict!r}"
+        )
+    if output_limit is not None and (
+        not isinstance(output_limit, int) or output_limit < 1
+    ):
+        raise InvalidInput(
+            f"output_limit must be a whole number >= 1, not {output_limit!r}"
+        )
 
 
 def _failure(ended: StepExit) -> tuple[str, StepError]:

@@ -154,6 +154,19 @@ def test_a_class_and_a_registry_referring_to_each_other(session: Session) -> Non
     assert value == "(True, 2, True)"
 
 
+def test_instances_keep_their_class_when_its_name_goes(session: Session) -> None:
+    value = run_all(
+        session,
+        "class Thing:\n    kind = 'old'",
+        "thing = Thing()",
+        "untouched = 1",
+        "del Thing",
+        "class Thing:\n    kind = 'new'",
+        "thing.kind, Thing.kind, isinstance(thing, Thing)",
+    )
+    assert value == "('old', 'new', False)"
+
+
 def test_dynamic_namespace_access_sees_every_name(session: Session) -> None:
     value = run_all(
         session,

@@ -143,7 +143,12 @@ def _resources(options: KubernetesOptions) -> client.V1ResourceRequirements:
     )
 
 
-def _container_security() -> client.V1SecurityContext:
+def container_security_context() -> client.V1SecurityContext:
+    """Return the hardened security context of a jobrunner container.
+
+    No privilege escalation, a read-only root filesystem (write under the
+    scratch volume), not root, and no Linux capabilities.
+    """
     return client.V1SecurityContext(
         allow_privilege_escalation=False,
         read_only_root_filesystem=True,
@@ -152,7 +157,12 @@ def _container_security() -> client.V1SecurityContext:
     )
 
 
-def _pod_security() -> client.V1PodSecurityContext:
+def pod_security_context() -> client.V1PodSecurityContext:
+    """Return the hardened security context of a jobrunner pod.
+
+    Runs as an unprivileged user and group, under the runtime's default
+    seccomp profile.
+    """
     return client.V1PodSecurityContext(
         run_as_non_root=True,
         run_as_user=STEP_UID,
@@ -186,9 +196,14 @@ def _environment(
     return plain + secret_refs, from_secret
 
 
-def _volumes(
+def pod_volumes(
     options: KubernetesOptions, store_path: str | None
 ) -> tuple[list[client.V1Volume], list[client.V1VolumeMount]]:
+    """Return a pod's volumes and its container's mounts.
+
+    A scratch ``emptyDir`` at ``/tmp`` (the root filesystem is read-only), and
+    the store's claim at ``store_path`` when the options name one.
+    """
     volumes = [
         client.V1Volume(name="scratch", empty_dir=client.V1EmptyDirVolumeSource())
     ]
@@ -217,7 +232,7 @@ def _container(
         env=env[0],
         env_from=env[1] or None,
         resources=_resources(options),
-        security_context=_container_security(),
+        security_context=container_security_context(),
         volume_mounts=mounts,
         working_dir=SCRATCH,
     )
@@ -228,6 +243,36 @@ def _store_path(arguments: list[str]) -> str | None:
     if "://" in url and not url.startswith("file://"):
         return None
     return url.removeprefix("file://") or None
+
+
+def pod_spec(
+    options: KubernetesOptions,
+    container: client.V1Container,
+    volumes: list[client.V1Volume],
+) -> client.V1PodSpec:
+    """Return a hardened pod spec that runs one container once.
+
+    Args:
+        options: Where and as whom the pod runs: its ServiceAccount (and
+            whether its token is mounted), node selector, tolerations and
+            image pull Secrets.
+        container: The pod's only container.
+        volumes: The pod's volumes (see :func:`pod_volumes`).
+    """
+    return client.V1PodSpec(
+        containers=[container],
+        restart_policy="Never",
+        security_context=pod_security_context(),
+        automount_service_account_token=options.mount_service_account_token,
+        service_account_name=options.service_account,
+        node_selector=options.node_selector or None,
+        tolerations=[client.V1Toleration(**t) for t in options.tolerations] or None,
+        image_pull_secrets=[
+            client.V1LocalObjectReference(name=s) for s in options.image_pull_secrets
+        ]
+        or None,
+        volumes=volumes,
+    )
 
 
 def build_job(
@@ -246,21 +291,8 @@ def build_job(
     """
     labels = _labels(options, launch)
     env = _environment(options, secret, sorted(launch.environment))
-    volumes, mounts = _volumes(options, _store_path(launch.arguments))
-    pod = client.V1PodSpec(
-        containers=[_container(options, launch, env, mounts)],
-        restart_policy="Never",
-        security_context=_pod_security(),
-        automount_service_account_token=options.mount_service_account_token,
-        service_account_name=options.service_account,
-        node_selector=options.node_selector or None,
-        tolerations=[client.V1Toleration(**t) for t in options.tolerations] or None,
-        image_pull_secrets=[
-            client.V1LocalObjectReference(name=s) for s in options.image_pull_secrets
-        ]
-        or None,
-        volumes=volumes,
-    )
+    volumes, mounts = pod_volumes(options, _store_path(launch.arguments))
+    pod = pod_spec(options, _container(options, launch, env, mounts), volumes)
     metadata = client.V1ObjectMeta(
         name=name, labels=labels, annotations=options.annotations or None
     )
@@ -341,7 +373,7 @@ class KubernetesBackend(Backend):
         **overrides: Any,
     ) -> None:
         self.options = replace(options or KubernetesOptions(), **overrides)
-        self.api = api_client or _api_client(kubeconfig, context)
+        self.api = api_client or make_api_client(kubeconfig, context)
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self._running: dict[str, tuple[str, str]] = {}
@@ -514,7 +546,7 @@ class KubernetesBackend(Backend):
         except ApiException as error:
             if error.status == 404:
                 return None
-            raise _cluster_error(error, f"read the Job {name}") from error
+            raise cluster_error(error, f"read the Job {name}") from error
 
     def _delete_job(self, name: str, why: str) -> None:
         try:
@@ -541,7 +573,7 @@ class KubernetesBackend(Backend):
             return method(namespace, body)
         except ApiException as error:
             kind = type(body).__name__.removeprefix("V1")
-            raise _cluster_error(error, f"create the step's {kind}") from error
+            raise cluster_error(error, f"create the step's {kind}") from error
         except HTTPError as error:
             raise ClusterUnavailable(
                 f"cannot reach the Kubernetes API server at"
@@ -561,7 +593,7 @@ class KubernetesBackend(Backend):
         return len(chosen)
 
 
-def _api_client(kubeconfig: str | None, context: str | None) -> client.ApiClient:
+def make_api_client(kubeconfig: str | None, context: str | None) -> client.ApiClient:
     try:
         return config.new_client_from_config(config_file=kubeconfig, context=context)
     except config.ConfigException as error:
@@ -575,7 +607,7 @@ def _api_client(kubeconfig: str | None, context: str | None) -> client.ApiClient
         ) from error
 
 
-def _cluster_error(error: ApiException, action: str) -> BackendError:
+def cluster_error(error: ApiException, action: str) -> BackendError:
     reason = error.reason or ""
     if error.status in (401, 403):
         return ClusterUnavailable(
@@ -704,7 +736,7 @@ class _PodWatch:
                         break  # watch again, with a read timeout for the deadline
             except ApiException as error:
                 if error.status != 410:
-                    raise _cluster_error(error, "watch the step's pod") from error
+                    raise cluster_error(error, "watch the step's pod") from error
                 version = None
             except (HTTPError, OSError, ValueError) as error:
                 if deadline is None or time.monotonic() < deadline:

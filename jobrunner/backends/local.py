@@ -17,7 +17,7 @@ import tempfile
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Protocol
 
 from jobrunner.backends.base import (
@@ -113,11 +113,9 @@ class _WarmParent:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 connection.connect(self.socket_path)
-            except OSError as error:
+            except OSError:
                 connection.close()
-                raise BackendError(
-                    f"the warm parent does not answer at {self.socket_path}: {error}"
-                ) from error
+                raise
             return connection
 
     def _start(self) -> None:
@@ -161,7 +159,10 @@ class LocalBackend(Backend):
 
     Args:
         python: The interpreter to run; defaults to the caller's.
-        workdir: The steps' working directory; defaults to the caller's.
+        workdir: The steps' working directory. By default each step gets a new
+            empty folder, removed when it ends, as a pod gets a scratch volume:
+            code that deletes or overwrites files where it runs cannot touch
+            the caller's files or a store under the caller's folder.
         memory_limit: Bytes of address space a step may use, or None.
         warm: Fork each step from a warm parent that has already imported the
             runtime, instead of starting a new interpreter. Each step is still
@@ -203,7 +204,21 @@ class LocalBackend(Backend):
             self._parent.stop()
 
     def run(self, launch: StepLaunch, on_output: OutputCallback | None) -> StepExit:
-        process = self._fork(launch) if self._parent else self._spawn(launch)
+        if self.workdir is not None:
+            return self._run(launch, on_output, self.workdir)
+        with tempfile.TemporaryDirectory(
+            prefix=f"jobrunner-{launch.session}-"
+        ) as scratch:
+            return self._run(launch, on_output, scratch)
+
+    def _run(
+        self, launch: StepLaunch, on_output: OutputCallback | None, workdir: str
+    ) -> StepExit:
+        process = (
+            self._fork(launch, workdir)
+            if self._parent
+            else self._spawn(launch, workdir)
+        )
         logger.info("started step of session %s (pid %d)", launch.session, process.pid)
         with self._lock:
             self._running[launch.attempt] = (launch.session, process.pid)
@@ -226,39 +241,59 @@ class LocalBackend(Backend):
                 self._running.pop(launch.attempt, None)
                 self._cancelled.discard(launch.attempt)
 
-    def _spawn(self, launch: StepLaunch) -> _Spawned:
+    def _spawn(self, launch: StepLaunch, workdir: str) -> _Spawned:
         limit = self.memory_limit
         popen = subprocess.Popen(
             [self.python, "-m", RUNTIME_MODULE, *launch.arguments],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=self.workdir,
+            cwd=workdir,
             env={**os.environ, **launch.environment},
             start_new_session=True,
             preexec_fn=_address_space_limit(limit) if limit else None,
         )
         return _Spawned(popen)
 
-    def _fork(self, launch: StepLaunch) -> _Forked:
+    def _fork(self, launch: StepLaunch, workdir: str) -> _Forked:
         assert self._parent is not None
         request = {
             "arguments": launch.arguments,
             "environment": launch.environment,
-            "cwd": self.workdir or os.getcwd(),
+            "cwd": workdir,
             "memory_limit": self.memory_limit,
         }
+        try:
+            return self._send(request)
+        except OSError as error:
+            # The parent died between two steps (its socket refuses or drops
+            # the request): start a new one and ask once more.
+            logger.info("the warm parent did not take the step (%r); restarting", error)
+            self._parent.stop()
+            try:
+                return self._send(request)
+            except OSError as again:
+                message = f"the warm parent failed to start a step: {again}"
+                raise BackendError(message) from again
+
+    def _send(self, request: Mapping[str, object]) -> _Forked:
+        assert self._parent is not None
         connection = self._parent.connect()
         pipes = [os.pipe(), os.pipe()]
+        outputs: list[IO[bytes]] = [os.fdopen(read, "rb") for read, _ in pipes]
         try:
             socket.send_fds(
                 connection, [json.dumps(request).encode()], [w for _, w in pipes]
             )
+            return _Forked(connection, outputs)
+        except (OSError, ValueError):
+            connection.close()
+            for output in outputs:
+                output.close()
+            raise
         finally:
             for _, write in pipes:
                 os.close(write)
-        outputs: list[IO[bytes]] = [os.fdopen(read, "rb") for read, _ in pipes]
-        return _Forked(connection, outputs)
 
     def _wait(
         self,

@@ -435,6 +435,7 @@ class Saved:
                     "type": _type_name(namespace[name]),
                     "size": len(blob.data),
                     "needs": sorted(blob.needs - {name}),
+                    "refs": sorted(blob.refs - {name}),
                 }
         return entries
 
@@ -543,7 +544,9 @@ class Loader:
         variables: The manifest's variable entries.
         modules: The manifest's module entries.
         read_blob: Returns a blob's verified bytes given its digest and a name.
-        describe_writer: Says which Python and dill wrote the checkpoint.
+        blobs: The manifest's blob entries, with the Python and dill versions
+            that wrote each blob.
+        writer: The versions to assume for a blob that does not say.
     """
 
     def __init__(
@@ -552,32 +555,46 @@ class Loader:
         variables: dict[str, dict[str, Any]],
         modules: dict[str, str],
         read_blob: Callable[[str, str], bytes | bytearray],
-        describe_writer: str,
+        blobs: dict[str, dict[str, Any]] | None = None,
+        writer: dict[str, str | None] | None = None,
     ) -> None:
         self.namespace = namespace
         self.variables = variables
         self.modules = modules
         self.read_blob = read_blob
-        self.describe_writer = describe_writer
+        self.blobs = blobs or {}
+        self.writer = writer or {}
         self.loaded: set[str] = set()
         self.warnings: list[str] = []
         self._loading: set[str] = set()
 
     def closure(self, names: Iterable[str]) -> set[str]:
-        """Return the saved names that code naming ``names`` may touch."""
-        wanted = {
-            name for name in names if name in self.variables or name in self.modules
-        }
-        pending = list(wanted)
+        """Return the saved names that code naming ``names`` may touch.
+
+        That is the named variables, what they need to be rebuilt or read when
+        called, and the variables that refer to any of those by name: the
+        code may rebind or delete a name, and a variable that refers to it
+        must then be saved again, holding the old object itself.
+        """
+        referrers: dict[str, list[str]] = {}
+        for name, entry in self.variables.items():
+            for ref in entry.get("refs", entry["needs"]):
+                referrers.setdefault(ref, []).append(name)
+        wanted: set[str] = set()
+        pending = [name for name in names if self._saved(name)]
         while pending:
-            entry = self.variables.get(pending.pop())
-            for need in entry["needs"] if entry else ():
-                if need not in wanted and (
-                    need in self.variables or need in self.modules
-                ):
-                    wanted.add(need)
-                    pending.append(need)
+            name = pending.pop()
+            if name in wanted:
+                continue
+            wanted.add(name)
+            found = self.variables.get(name)
+            needs = found["needs"] if found else []
+            pending += [need for need in needs if self._saved(need)]
+            pending += referrers.get(name, [])
         return wanted
+
+    def _saved(self, name: str) -> bool:
+        return name in self.variables or name in self.modules
 
     def dynamic(self, names: Iterable[str]) -> bool:
         """Return True if code naming ``names`` may reach any global by name."""
@@ -612,6 +629,7 @@ class Loader:
             raise LoadFailed(f"the checkpoint of {name!r} refers to itself by name")
         members = [n for n, e in self.variables.items() if e["blob"] == digest]
         self.loaded.update(members)
+        self._warn_of_versions(digest)
         data = self.read_blob(digest, name)
         self._loading.add(digest)
         try:
@@ -624,12 +642,39 @@ class Loader:
         except Exception as error:
             raise LoadFailed(
                 f"could not rebuild {name!r} from its checkpoint, written by"
-                f" {self.describe_writer}: {type(error).__name__}: {error}"
+                f" {self._writer(digest)}: {type(error).__name__}: {error}"
             ) from error
         finally:
             self._loading.discard(digest)
         self.namespace.update(values)
         return self.namespace[name]
+
+    def _versions(self, digest: str) -> tuple[str, str | None]:
+        info = self.blobs.get(digest, {})
+        python = info.get("python") or self.writer.get("python") or "unknown"
+        dill = info.get("dill") or self.writer.get("dill")
+        return python, dill if info.get("pickler") == "dill" else None
+
+    def _writer(self, digest: str) -> str:
+        python, dill = self._versions(digest)
+        return f"Python {python} and dill {dill}" if dill else f"Python {python}"
+
+    def _warn_of_versions(self, digest: str) -> None:
+        # A pickle from another Python minor version or another dill often
+        # loads, and sometimes loads wrong: say so, once per writer.
+        python, dill = self._versions(digest)
+        here = ".".join(map(str, sys.version_info[:2]))
+        skewed = python != "unknown" and ".".join(python.split(".")[:2]) != here
+        if dill:
+            import dill as installed  # a dill blob needs it to load anyway
+
+            skewed = skewed or dill != installed.__version__
+        warning = (
+            f"jobrunner: loading a checkpoint written by {self._writer(digest)};"
+            f" this step runs Python {sys.version.split()[0]}"
+        )
+        if skewed and warning not in self.warnings:
+            self.warnings.append(warning)
 
     def _import(self, name: str) -> Any:
         self.loaded.add(name)

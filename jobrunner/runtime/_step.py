@@ -137,6 +137,24 @@ def _step_error(error: BaseException, filename: str) -> StepError:
     )
 
 
+_OUT_OF_MEMORY = "OutOfMemory"
+
+
+def _memory_error(error: MemoryError, filename: str) -> StepError:
+    """Report running out of a memory limit as the step being stopped for it."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit == resource.RLIM_INFINITY:
+        return _step_error(error, filename)
+    return StepError(
+        type=_OUT_OF_MEMORY,
+        message=f"the step ran out of its memory limit of {limit // 2**20}Mi;"
+        " raise --memory",
+        traceback=_user_traceback(error, filename),
+    )
+
+
 def _new_namespace() -> dict[str, Any]:
     # The session's module stands in for __main__, so that pickle finds
     # classes and functions defined in the session by their module's name.
@@ -144,22 +162,6 @@ def _new_namespace() -> dict[str, Any]:
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
     return module.__dict__
-
-
-def _writer(manifest: Manifest) -> str:
-    written = f"Python {manifest.python or 'unknown'}"
-    return f"{written} and dill {manifest.dill}" if manifest.dill else written
-
-
-def _version_warning(manifest: Manifest) -> str | None:
-    here = ".".join(map(str, sys.version_info[:2]))
-    there = ".".join(manifest.python.split(".")[:2])
-    if manifest.python and there != here:
-        return (
-            f"jobrunner: step {manifest.step} was written by Python"
-            f" {manifest.python}; this step runs Python {sys.version.split()[0]}"
-        )
-    return None
 
 
 class _Step:
@@ -224,7 +226,8 @@ def _run(step: _Step, code: str, output_limit: int | None) -> StepResult:
         return step.result(code, status, **fields)
 
     if isinstance(outcome, StepError):
-        return finish("error", error=outcome, outputs=tuple(collect_figures()))
+        status = "killed" if outcome.type == _OUT_OF_MEMORY else "error"
+        return finish(status, error=outcome, outputs=tuple(collect_figures()))
     loader, value = outcome
     # Before saving: a figure kept in a variable must be saved closed.
     figures = tuple(collect_figures())
@@ -255,10 +258,13 @@ def _load_and_execute(
 ) -> StepError | tuple[Loader, str | None]:
     store = step.store
 
-    def read_blob(digest: str, name: str) -> bytes:
+    def read_blob(digest: str, name: str) -> bytes | bytearray:
         return store.read_blob(digest, session=step.session, name=name)
 
-    loader = Loader(namespace, base.variables, base.modules, read_blob, _writer(base))
+    writer = {"python": base.python, "dill": base.dill}
+    loader = Loader(
+        namespace, base.variables, base.modules, read_blob, base.blobs, writer
+    )
     try:
         body, last = _compile(code, filename)
     except SyntaxError as error:
@@ -266,9 +272,6 @@ def _load_and_execute(
         return StepError(type(error).__name__, str(error), _user_traceback(error, ""))
     names = code_names(body) | (code_names(last) if last else set())
     try:
-        warning = _version_warning(base)
-        if warning:
-            stderr.write(warning + "\n")
         loader.load(
             loader.everything() if loader.dynamic(names) else loader.closure(names)
         )
@@ -284,6 +287,8 @@ def _load_and_execute(
         value = eval(last, namespace) if last else None
     except BaseException as error:  # noqa: BLE001 - user code may raise anything
         step.lap("execute")
+        if isinstance(error, MemoryError):
+            return _memory_error(error, filename)
         return _step_error(error, filename)
     step.lap("execute")
     return loader, None if value is None else _safe_repr(value)
@@ -327,7 +332,12 @@ def _save(
     for blob in saved.blobs:
         if blob.digest not in blobs:
             written += step.store.write_blob(blob.data, blob.digest)
-        blobs[blob.digest] = {"size": len(blob.data), "pickler": blob.pickler}
+        blobs[blob.digest] = {
+            "size": len(blob.data),
+            "pickler": blob.pickler,
+            "python": sys.version.split()[0],
+            "dill": sys.modules["dill"].__version__ if blob.pickler == "dill" else None,
+        }
     manifest = Manifest(
         session=step.session,
         step=base.step + 1,
