@@ -1,4 +1,5 @@
-"""The ``jobrunner notebook`` commands: run a notebook cell by cell as steps.
+"""The ``jobrunner notebook`` commands: run a notebook cell by cell as steps,
+now or on a schedule in a Kubernetes cluster.
 
 Exit codes follow the ``jobrunner`` command's: 0 when the notebook ran to its
 end (or a cell ended it with ``sys.exit(0)``), 1 when a cell stopped it with an
@@ -9,7 +10,10 @@ its backend.
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -23,7 +27,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
+from jobrunner import cli_backend
 from jobrunner.errors import InvalidInput, JobRunnerError
 from jobrunner.notebook import (
     CellRun,
@@ -51,9 +57,61 @@ notebook_app = typer.Typer(
 terminal = Console(stderr=True)
 
 
+ParameterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--parameter",
+        "-p",
+        metavar="NAME=VALUE",
+        help="A parameter; the value is YAML: 3, 0.5, true, null, text.",
+    ),
+]
+ParametersFileOption = Annotated[
+    str | None,
+    typer.Option("--parameters-file", "-f", help="A YAML or JSON file of parameters."),
+]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="JOBRUNNER_STORE",
+        help="Checkpoint store: a folder or an fsspec URL.",
+        show_default="./checkpoints",
+    ),
+]
+StoreOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--store-option",
+        metavar="KEY=VALUE",
+        help="An option of the store's filesystem.",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None, typer.Option("--timeout", help="Stop a cell after this many seconds.")
+]
+
+
 def _fail(message: str, code: int) -> NoReturn:
     terminal.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _errors_reported() -> Iterator[None]:
+    """Turn jobrunner's errors into one red line and the documented exit code."""
+    try:
+        yield
+    except InvalidInput as error:
+        _fail(str(error), EXIT_USAGE)
+    except JobRunnerError as error:
+        _fail(str(error), EXIT_JOBRUNNER)
+
+
+def _parameters(pairs: list[str] | None, file: str | None) -> dict[str, Any]:
+    parameters = read_parameters(file) if file else {}
+    parameters.update(parse_parameter(text) for text in pairs or [])
+    return parameters
 
 
 def _store_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -122,21 +180,8 @@ def run(
     notebook: Annotated[
         str, typer.Argument(help="The notebook: .ipynb or a percent-format .py.")
     ],
-    parameter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--parameter",
-            "-p",
-            metavar="NAME=VALUE",
-            help="A parameter; the value is YAML: 3, 0.5, true, null, text.",
-        ),
-    ] = None,
-    parameters_file: Annotated[
-        str | None,
-        typer.Option(
-            "--parameters-file", "-f", help="A YAML or JSON file of parameters."
-        ),
-    ] = None,
+    parameter: ParameterOption = None,
+    parameters_file: ParametersFileOption = None,
     session: Annotated[
         str | None,
         typer.Option(
@@ -158,30 +203,45 @@ def run(
             help="Continue the run in --output from its first unfinished cell."
         ),
     ] = False,
-    timeout: Annotated[
-        float | None, typer.Option(help="Stop a cell after this many seconds.")
-    ] = None,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            envvar="JOBRUNNER_STORE",
-            help="Checkpoint store: a folder or an fsspec URL.",
-            show_default="./checkpoints",
-        ),
-    ] = None,
-    store_option: Annotated[
-        list[str] | None,
-        typer.Option(metavar="KEY=VALUE", help="An option of the store's filesystem."),
-    ] = None,
+    timeout: TimeoutOption = None,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    backend: cli_backend.BackendName = "local",
+    warm: cli_backend.Warm = False,
+    memory: cli_backend.Memory = None,
+    cpu: cli_backend.Cpu = None,
+    gpus: cli_backend.Gpus = 0,
+    image: cli_backend.Image = None,
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+    retry_oom: cli_backend.RetryOom = False,
+    env_secret: cli_backend.EnvSecret = None,
+    service_account: cli_backend.ServiceAccount = None,
+    node_selector: cli_backend.NodeSelector = None,
 ) -> None:
     """Run a notebook's cells in order, each as one step of a session."""
     to_stdout = output == "-"
     if to_stdout and resume:
         _fail("--resume needs the notebook of the run in a file: --output PATH", 2)
     target = None if to_stdout else output or _default_output(notebook)
-    try:
-        parameters = read_parameters(parameters_file) if parameters_file else {}
-        parameters.update(parse_parameter(text) for text in parameter or [])
+    choice = cli_backend.BackendChoice(
+        name=backend,
+        warm=warm,
+        memory=memory,
+        cpu=cpu,
+        gpus=gpus,
+        image=image,
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        retry_oom=retry_oom,
+        env_secret=env_secret,
+        service_account=service_account,
+        node_selector=tuple(node_selector or ()),
+    )
+    with _errors_reported():
+        parameters = _parameters(parameter, parameters_file)
         outcome = _run_watched(
             notebook,
             parameters=parameters if parameters or not resume else None,
@@ -190,12 +250,9 @@ def run(
             resume=resume,
             store=store,
             store_options=_store_options(store_option),
+            backend=cli_backend.make_backend(choice),
             timeout=timeout,
         )
-    except InvalidInput as error:
-        _fail(str(error), EXIT_USAGE)
-    except JobRunnerError as error:
-        _fail(str(error), EXIT_JOBRUNNER)
     if to_stdout:
         sys.stdout.write(notebook_text(outcome.notebook))
     _report(outcome)
@@ -250,3 +307,275 @@ def _report(outcome: NotebookRun) -> None:
         f"[red]failed[/red] at {place}: {escape(str(error))}; {escape(summary)}",
         highlight=False,
     )
+
+
+# Scheduled notebooks: a CronJob whose pod runs the notebook's driver.
+
+_CLUSTER = "Cluster"
+NameArgument = Annotated[str, typer.Argument(help="The schedule's name.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON instead.")
+]
+
+
+def _api(kubeconfig: str | None, context: str | None) -> Any:
+    from jobrunner.backends.kubernetes import make_api_client
+
+    return make_api_client(kubeconfig, context)
+
+
+def _step_options(choice: cli_backend.BackendChoice) -> Any:
+    # The same mapping as make_backend's, without connecting: --dry-run works
+    # with no cluster configured.
+    from jobrunner.backends.kubernetes import KubernetesOptions
+
+    selector = {}
+    for pair in choice.node_selector:
+        key, separator, value = pair.partition("=")
+        if not separator:
+            raise InvalidInput(f"--node-selector expects KEY=VALUE, got {pair!r}")
+        selector[key] = value
+    return KubernetesOptions(
+        namespace=choice.namespace,
+        image=choice.image or KubernetesOptions.image,
+        memory_limit=choice.memory,
+        memory_request=choice.memory,
+        cpu_limit=choice.cpu,
+        gpus=choice.gpus,
+        retry_oom=choice.retry_oom,
+        env_secret=choice.env_secret,
+        service_account=choice.service_account,
+        node_selector=selector,
+    )
+
+
+@notebook_app.command("schedule")
+def schedule(
+    notebook: Annotated[
+        str, typer.Argument(help="The notebook: .ipynb or a percent-format .py.")
+    ],
+    cron: Annotated[
+        str,
+        typer.Option(
+            "--cron", help='When to run, five cron fields: "0 2 * * *" is 02:00 daily.'
+        ),
+    ],
+    parameter: ParameterOption = None,
+    parameters_file: ParametersFileOption = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="The schedule's name.", show_default="from NOTEBOOK"
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the CronJob as YAML; create and upload nothing."
+        ),
+    ] = False,
+    driver_image: Annotated[
+        str | None,
+        typer.Option(
+            "--driver-image",
+            envvar="JOBRUNNER_DRIVER_IMAGE",
+            help="The driver's image: jobrunner installed with pip (not the step"
+            " image). Required.",
+            rich_help_panel=_CLUSTER,
+        ),
+    ] = None,
+    driver_service_account: Annotated[
+        str,
+        typer.Option(
+            "--driver-service-account",
+            help="The driver pod's ServiceAccount (it creates the cells' Jobs).",
+            rich_help_panel=_CLUSTER,
+        ),
+    ] = "jobrunner-driver",
+    zone: Annotated[
+        str | None,
+        typer.Option(
+            "--timezone", help="The cron's IANA time zone.", rich_help_panel=_CLUSTER
+        ),
+    ] = None,
+    timeout: TimeoutOption = None,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    memory: cli_backend.Memory = None,
+    cpu: cli_backend.Cpu = None,
+    gpus: cli_backend.Gpus = 0,
+    image: cli_backend.Image = None,
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+    retry_oom: cli_backend.RetryOom = False,
+    env_secret: cli_backend.EnvSecret = None,
+    service_account: cli_backend.ServiceAccount = None,
+    node_selector: cli_backend.NodeSelector = None,
+) -> None:
+    """Run a notebook on a schedule: a CronJob whose run runs each cell as a Job.
+
+    The notebook and its parameters are uploaded to the store; each run writes
+    its executed notebook to schedules/NAME/runs/ in the store.
+    """
+    from jobrunner.schedule import (
+        NotebookSchedule,
+        default_schedule_name,
+        manifest_yaml,
+        schedule_notebook,
+    )
+    from jobrunner.store import CheckpointStore
+
+    choice = cli_backend.BackendChoice(
+        name="kubernetes",
+        memory=memory,
+        cpu=cpu,
+        gpus=gpus,
+        image=image,
+        namespace=namespace,
+        retry_oom=retry_oom,
+        env_secret=env_secret,
+        service_account=service_account,
+        node_selector=tuple(node_selector or ()),
+    )
+    with _errors_reported():
+        options = _store_options(store_option)
+        plan = NotebookSchedule(
+            name=default_schedule_name(notebook) if name is None else name,
+            cron=cron,
+            notebook=notebook,
+            # A local folder is given to the driver as an absolute path.
+            store=CheckpointStore(store, options=options).files.url,
+            driver_image=driver_image or "",
+            steps=_step_options(choice),
+            store_options=options,
+            driver_service_account=driver_service_account,
+            timezone=zone,
+            cell_timeout=timeout,
+        )
+        parameters = _parameters(parameter, parameters_file)
+        api = None if dry_run else _api(kubeconfig, context)
+        cronjob = schedule_notebook(plan, api, parameters=parameters, dry_run=dry_run)
+    if dry_run:
+        sys.stdout.write(manifest_yaml(cronjob))
+        return
+    terminal.print(
+        f"[green]scheduled[/green] {escape(plan.name)} ({escape(plan.cron)}):"
+        f" CronJob {escape(plan.namespace)}/{escape(plan.name)}; runs write to"
+        f" {escape(plan.store)}/schedules/{escape(plan.name)}/runs/",
+        highlight=False,
+    )
+
+
+@notebook_app.command("schedules")
+def schedules(
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the scheduled notebooks of a namespace."""
+    from jobrunner.schedule import list_schedules
+
+    with _errors_reported():
+        found = list_schedules(_api(kubeconfig, context), namespace)
+    if as_json:
+        sys.stdout.write(json.dumps([s.to_dict() for s in found], indent=2) + "\n")
+        return
+    table = Table(title=f"notebook schedules in {namespace}")
+    for column in ("name", "cron", "notebook", "last schedule", "suspended"):
+        table.add_column(column, overflow="fold")
+    for item in found:
+        cron = f"{item.cron} ({item.timezone})" if item.timezone else item.cron
+        last = item.last_schedule.isoformat() if item.last_schedule else "-"
+        table.add_row(
+            escape(item.name),
+            escape(cron),
+            escape(item.notebook),
+            last,
+            "[yellow]yes[/yellow]" if item.suspended else "no",
+        )
+    Console().print(table)
+
+
+@notebook_app.command("unschedule")
+def unschedule(
+    name: NameArgument,
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+) -> None:
+    """Delete a schedule's CronJob and its Jobs; its runs stay in the store."""
+    from jobrunner.schedule import delete_schedule
+
+    with _errors_reported():
+        delete_schedule(_api(kubeconfig, context), name, namespace)
+    terminal.print(
+        f"[green]unscheduled[/green] {escape(name)}: deleted the CronJob"
+        f" {escape(namespace)}/{escape(name)} and its Jobs; the notebook and its"
+        " runs stay in the store",
+        highlight=False,
+    )
+
+
+@notebook_app.command("drive", hidden=True)
+def drive(
+    schedule_name: Annotated[
+        str, typer.Option("--schedule", help="The schedule to run once.")
+    ],
+    timeout: TimeoutOption = None,
+    store: StoreOption = None,
+    store_option: StoreOptions = None,
+    backend: cli_backend.BackendName = "local",
+    warm: cli_backend.Warm = False,
+    memory: cli_backend.Memory = None,
+    cpu: cli_backend.Cpu = None,
+    gpus: cli_backend.Gpus = 0,
+    image: cli_backend.Image = None,
+    namespace: cli_backend.Namespace = "default",
+    kubeconfig: cli_backend.Kubeconfig = None,
+    context: cli_backend.Context = None,
+    retry_oom: cli_backend.RetryOom = False,
+    env_secret: cli_backend.EnvSecret = None,
+    service_account: cli_backend.ServiceAccount = None,
+    node_selector: cli_backend.NodeSelector = None,
+) -> None:
+    """Run one run of a scheduled notebook: what the CronJob's pod runs."""
+    from jobrunner.schedule import run_scheduled_notebook
+    from jobrunner.store import CheckpointStore
+
+    # The driver's log is all a pod leaves: a line per Job and per cell.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    choice = cli_backend.BackendChoice(
+        name=backend,
+        warm=warm,
+        memory=memory,
+        cpu=cpu,
+        gpus=gpus,
+        image=image,
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        retry_oom=retry_oom,
+        env_secret=env_secret,
+        service_account=service_account,
+        node_selector=tuple(node_selector or ()),
+    )
+    with _errors_reported():
+        outcome = run_scheduled_notebook(
+            CheckpointStore(store, options=_store_options(store_option)),
+            schedule_name,
+            cli_backend.make_backend(choice),
+            timeout=timeout,
+            on_output=_write_through,
+        )
+    _report(outcome)
+    raise typer.Exit(0 if outcome.ok else EXIT_CELL_FAILED)
+
+
+def _write_through(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()

@@ -80,6 +80,7 @@ __all__ = [
     "read_percent_script",
     "run_notebook",
     "write_notebook",
+    "write_parameters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,16 +176,19 @@ class NotebookRun:
 # Reading notebooks
 
 
-def read_notebook(path: str) -> NotebookNode:
+def read_notebook(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> NotebookNode:
     """Read a notebook: ``.ipynb`` (nbformat 4) or a percent-format ``.py`` script.
 
     Args:
         path: A local path or an fsspec URL.
+        storage_options: Options of the URL's fsspec filesystem.
 
     Raises:
         InvalidInput: The file cannot be read or is not a notebook.
     """
-    text = _read_text(path)
+    text = _read_text(path, storage_options)
     if path.endswith(".py"):
         return read_percent_script(text)
     try:
@@ -195,23 +199,26 @@ def read_notebook(path: str) -> NotebookNode:
     return notebook
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, storage_options: dict[str, Any] | None = None) -> str:
     try:
-        with _open(path, "r") as stream:
+        with _open(path, "r", storage_options) as stream:
             return str(stream.read())
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInput(f"cannot read the notebook {path}: {error}") from error
 
 
 @contextlib.contextmanager
-def _open(path: str, mode: str) -> Iterator[Any]:
+def _open(
+    path: str, mode: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[Any]:
     if "://" not in path:
         with open(path, mode, encoding="utf-8") as stream:
             yield stream
         return
     import fsspec
 
-    with fsspec.open(path, mode, encoding="utf-8") as stream:
+    options = storage_options or {}
+    with fsspec.open(path, mode, encoding="utf-8", **options) as stream:
         yield stream
 
 
@@ -346,14 +353,20 @@ def parse_parameter(text: str) -> tuple[str, Any]:
         return name, value
 
 
-def read_parameters(path: str) -> dict[str, Any]:
+def read_parameters(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Read parameters from a YAML or JSON file holding one mapping.
+
+    Args:
+        path: A local path or an fsspec URL.
+        storage_options: Options of the URL's fsspec filesystem.
 
     Raises:
         InvalidInput: The file cannot be read, is not YAML, or is not a mapping
             of identifiers to values.
     """
-    text = _read_text(path)
+    text = _read_text(path, storage_options)
     try:
         data = yaml.load(text, Loader=_ScalarLoader)
     except yaml.YAMLError as error:
@@ -365,6 +378,24 @@ def read_parameters(path: str) -> dict[str, Any]:
     for name in data:
         _check_name(name)
     return data
+
+
+def write_parameters(
+    parameters: Mapping[str, Any],
+    path: str,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write parameters as a JSON file that :func:`read_parameters` reads back.
+
+    Args:
+        parameters: Names and JSON values.
+        path: A local path (its missing folders are created) or an fsspec URL.
+        storage_options: Options of the URL's fsspec filesystem.
+    """
+    if "://" not in path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _open(path, "w", storage_options) as stream:
+        json.dump(dict(parameters), stream, indent=1, sort_keys=True)
 
 
 def _check_name(name: object) -> None:
@@ -449,6 +480,7 @@ def run_notebook(
     store_options: dict[str, Any] | None = None,
     backend: Backend | None = None,
     timeout: float | None = None,
+    storage_options: dict[str, Any] | None = None,
     on_output: OutputCallback | None = None,
     on_cell_start: Callable[[CellStart], None] | None = None,
     on_cell_end: Callable[[CellRun], None] | None = None,
@@ -473,6 +505,8 @@ def run_notebook(
         store_options: Options of the store's filesystem.
         backend: Where steps run (default: local subprocesses).
         timeout: Seconds each cell may run.
+        storage_options: Options of the fsspec filesystem of ``path`` and
+            ``output`` when they are URLs (the store's, when they are in it).
         on_output: Called with ``("stdout" | "stderr", text)`` as a cell writes.
         on_cell_start: Called before each code cell runs.
         on_cell_end: Called after each code cell ran or was skipped.
@@ -493,11 +527,11 @@ def run_notebook(
         >>> run.status
         'completed'
     """
-    previous = _previous_run(output) if resume else None
+    previous = _previous_run(output, storage_options) if resume else None
     recorded = previous.metadata["jobrunner"] if previous else {}
     if parameters is None:
         parameters = recorded.get("parameters", {})
-    notebook = read_notebook(path)
+    notebook = read_notebook(path, storage_options)
     if parameters:
         inject_parameters(notebook, parameters)
     session_id = session or recorded.get("session") or default_session_id(path)
@@ -509,7 +543,7 @@ def run_notebook(
     runner = Session(
         session_id, store=store, backend=backend, store_options=store_options
     )
-    state = _RunState(notebook, runner, output, timeout, on_output)
+    state = _RunState(notebook, runner, output, timeout, on_output, storage_options)
     if previous is None:
         state.start(path, dict(parameters))
     else:
@@ -517,11 +551,13 @@ def run_notebook(
     return state.run(on_cell_start, on_cell_end)
 
 
-def _previous_run(output: str | None) -> NotebookNode:
+def _previous_run(
+    output: str | None, storage_options: dict[str, Any] | None
+) -> NotebookNode:
     if output is None:
         raise InvalidInput("resuming needs the output notebook of the run to resume")
     try:
-        with _open(output, "r") as stream:
+        with _open(output, "r", storage_options) as stream:
             previous: NotebookNode = _nbformat.read(stream, as_version=4)
     except FileNotFoundError:
         raise InvalidInput(f"nothing to resume: {output} does not exist") from None
@@ -546,6 +582,7 @@ class _RunState:
         output: str | None,
         timeout: float | None,
         on_output: OutputCallback | None,
+        storage_options: dict[str, Any] | None,
     ) -> None:
         self.notebook = notebook
         self.session = session
@@ -555,6 +592,7 @@ class _RunState:
         self.start_at = 0
         self.count = 0
         self.committed = session.head
+        self.storage_options = storage_options
 
     @property
     def record(self) -> dict[str, Any]:
@@ -736,7 +774,7 @@ class _RunState:
 
     def _write(self) -> None:
         if self.output is not None:
-            write_notebook(self.notebook, self.output)
+            write_notebook(self.notebook, self.output, self.storage_options)
 
 
 def _code_cells(notebook: NotebookNode) -> list[tuple[int, NotebookNode]]:
@@ -804,16 +842,25 @@ def notebook_text(notebook: NotebookNode) -> str:
     return text + "\n"
 
 
-def write_notebook(notebook: NotebookNode, path: str) -> None:
+def write_notebook(
+    notebook: NotebookNode, path: str, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write a notebook whole: a local file is replaced atomically.
 
-    A remote URL is written with one put, which object stores make atomic.
+    A remote URL is written with one put, which object stores make atomic;
+    a local file's missing folders are created.
+
+    Args:
+        notebook: The notebook.
+        path: A local path or an fsspec URL.
+        storage_options: Options of the URL's fsspec filesystem.
     """
     if "://" in path:
-        with _open(path, "w") as stream:
+        with _open(path, "w", storage_options) as stream:
             _nbformat.write(notebook, stream)
         return
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(
         dir=folder, prefix=".", suffix=".ipynb.tmp"
     )

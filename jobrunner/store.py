@@ -7,6 +7,7 @@ Layout under the store's root (a local folder or any fsspec URL)::
     sessions/<id>/attempts/<attempt>.json   the result of every attempt
     sessions/<id>/requests/<attempt>.json   the code an attempt was asked to run
     sessions/<id>/HEAD                      a hint: the last committed step
+    schedules/<name>/...                    a scheduled notebook and its runs
 
 A manifest maps each variable to the digest of the blob that holds it. Step
 ``n + 1`` is committed by creating its manifest only if it does not exist, so of
@@ -385,6 +386,15 @@ class CheckpointStore:
                 f" {self._session_key.session!r} only, not of {session!r}"
             )
         return self._session_key
+
+    def schedule_url(self, schedule: str, path: str) -> str:
+        """Return the local path or URL of a file of a notebook schedule.
+
+        A schedule keeps its notebook, its parameters and the notebook of every
+        run under ``schedules/<schedule>/``; ``schedule`` must be a validated
+        DNS label, ``path`` is relative to that folder.
+        """
+        return f"{self.files.url.rstrip('/')}/schedules/{schedule}/{path}"
 
     # Sessions and steps.
 
