@@ -42,6 +42,12 @@ if TYPE_CHECKING:
     )
     from jobrunner.notebook import CellRun, NotebookRun, run_notebook
     from jobrunner.result import StepError, StepResult, Timings
+    from jobrunner.schedule import (
+        NotebookSchedule,
+        delete_schedule,
+        list_schedules,
+        schedule_notebook,
+    )
     from jobrunner.session import Session, list_sessions
     from jobrunner.store import CheckpointStore
 
@@ -63,6 +69,7 @@ _WHERE = {
     "JobRunnerError": "jobrunner.errors",
     "LocalBackend": "jobrunner.backends.local",
     "NotebookRun": "jobrunner.notebook",
+    "NotebookSchedule": "jobrunner.schedule",
     "PodEvicted": "jobrunner.errors",
     "Session": "jobrunner.session",
     "StepCrashed": "jobrunner.errors",
@@ -75,8 +82,11 @@ _WHERE = {
     "UnknownSession": "jobrunner.errors",
     "UnknownStep": "jobrunner.errors",
     "Unschedulable": "jobrunner.errors",
+    "delete_schedule": "jobrunner.schedule",
+    "list_schedules": "jobrunner.schedule",
     "list_sessions": "jobrunner.session",
     "run_notebook": "jobrunner.notebook",
+    "schedule_notebook": "jobrunner.schedule",
 }
 
 __all__ = [
@@ -95,6 +105,7 @@ __all__ = [
     "KubernetesOptions",
     "LocalBackend",
     "NotebookRun",
+    "NotebookSchedule",
     "PodEvicted",
     "Session",
     "StepCrashed",
@@ -107,8 +118,11 @@ __all__ = [
     "UnknownSession",
     "UnknownStep",
     "Unschedulable",
+    "delete_schedule",
+    "list_schedules",
     "list_sessions",
     "run_notebook",
+    "schedule_notebook",
 ]
 
 

@@ -6,8 +6,11 @@ Shared by every command that runs steps (``run``, ``notebook run``), so that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -15,7 +18,12 @@ from jobrunner.backends._quantity import memory_bytes
 from jobrunner.backends.base import Backend
 from jobrunner.errors import InvalidInput
 
-__all__ = ["BackendChoice", "make_backend"]
+if TYPE_CHECKING:
+    from jobrunner.backends.kubernetes import KubernetesOptions
+
+__all__ = ["BackendChoice", "backend_options", "kubernetes_options", "make_backend"]
+
+R = TypeVar("R")
 
 _PANEL = "Where steps run"
 
@@ -141,6 +149,60 @@ class BackendChoice:
     node_selector: tuple[str, ...] = ()
 
 
+# Each field of BackendChoice, with the option that sets it.
+_OPTIONS: dict[str, Any] = {
+    "name": BackendName,
+    "warm": Warm,
+    "memory": Memory,
+    "cpu": Cpu,
+    "gpus": Gpus,
+    "image": Image,
+    "namespace": Namespace,
+    "kubeconfig": Kubeconfig,
+    "context": Context,
+    "retry_oom": RetryOom,
+    "env_secret": EnvSecret,
+    "service_account": ServiceAccount,
+    "node_selector": NodeSelector,
+}
+_PREFIX = "backend_option_"
+
+
+def backend_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Give a command the backend options; it receives them as ``backend``.
+
+    The command declares ``backend: BackendChoice`` (no default); its users see
+    ``--backend``, ``--warm``, ``--memory``, ``--image``... the same options in
+    every command that runs steps.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "backend"]
+    defaults = {field.name: field.default for field in fields(BackendChoice)}
+    added = [
+        inspect.Parameter(
+            _PREFIX + name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=annotation,
+            default=None if name == "node_selector" else defaults[name],
+        )
+        for name, annotation in _OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_backend(*args: Any, **kwargs: Any) -> R:
+        given = {name: kwargs.pop(_PREFIX + name) for name in _OPTIONS}
+        given["node_selector"] = tuple(given["node_selector"] or ())
+        return command(*args, backend=BackendChoice(**given), **kwargs)
+
+    with_backend.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in kept),
+            *added,
+        ]
+    )
+    return with_backend
+
+
 def make_backend(choice: BackendChoice) -> Backend:
     """Build the backend the options describe.
 
@@ -157,8 +219,13 @@ def make_backend(choice: BackendChoice) -> Backend:
     raise InvalidInput(f"unknown backend {choice.name!r}: use local or kubernetes")
 
 
-def _kubernetes(choice: BackendChoice) -> Backend:
-    from jobrunner.backends.kubernetes import KubernetesBackend, KubernetesOptions
+def kubernetes_options(choice: BackendChoice) -> KubernetesOptions:
+    """Return the Job options the backend options describe, without connecting.
+
+    Raises:
+        InvalidInput: A malformed ``--node-selector``.
+    """
+    from jobrunner.backends.kubernetes import KubernetesOptions
 
     selector = {}
     for pair in choice.node_selector:
@@ -166,7 +233,7 @@ def _kubernetes(choice: BackendChoice) -> Backend:
         if not separator:
             raise InvalidInput(f"--node-selector expects KEY=VALUE, got {pair!r}")
         selector[key] = value
-    options = KubernetesOptions(
+    return KubernetesOptions(
         namespace=choice.namespace,
         image=choice.image or KubernetesOptions.image,
         memory_limit=choice.memory,
@@ -178,6 +245,12 @@ def _kubernetes(choice: BackendChoice) -> Backend:
         service_account=choice.service_account,
         node_selector=selector,
     )
+
+
+def _kubernetes(choice: BackendChoice) -> Backend:
+    from jobrunner.backends.kubernetes import KubernetesBackend
+
+    options = kubernetes_options(choice)
     return KubernetesBackend(
         options, kubeconfig=choice.kubeconfig, context=choice.context
     )

@@ -176,6 +176,7 @@ class _Watch:
 
 
 @notebook_app.command("run")
+@cli_backend.backend_options
 def run(
     notebook: Annotated[
         str, typer.Argument(help="The notebook: .ipynb or a percent-format .py.")
@@ -206,40 +207,15 @@ def run(
     timeout: TimeoutOption = None,
     store: StoreOption = None,
     store_option: StoreOptions = None,
-    backend: cli_backend.BackendName = "local",
-    warm: cli_backend.Warm = False,
-    memory: cli_backend.Memory = None,
-    cpu: cli_backend.Cpu = None,
-    gpus: cli_backend.Gpus = 0,
-    image: cli_backend.Image = None,
-    namespace: cli_backend.Namespace = "default",
-    kubeconfig: cli_backend.Kubeconfig = None,
-    context: cli_backend.Context = None,
-    retry_oom: cli_backend.RetryOom = False,
-    env_secret: cli_backend.EnvSecret = None,
-    service_account: cli_backend.ServiceAccount = None,
-    node_selector: cli_backend.NodeSelector = None,
+    *,
+    backend: cli_backend.BackendChoice,
 ) -> None:
     """Run a notebook's cells in order, each as one step of a session."""
     to_stdout = output == "-"
     if to_stdout and resume:
         _fail("--resume needs the notebook of the run in a file: --output PATH", 2)
     target = None if to_stdout else output or _default_output(notebook)
-    choice = cli_backend.BackendChoice(
-        name=backend,
-        warm=warm,
-        memory=memory,
-        cpu=cpu,
-        gpus=gpus,
-        image=image,
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        retry_oom=retry_oom,
-        env_secret=env_secret,
-        service_account=service_account,
-        node_selector=tuple(node_selector or ()),
-    )
+    choice = backend
     with _errors_reported():
         parameters = _parameters(parameter, parameters_file)
         outcome = _run_watched(
@@ -322,31 +298,6 @@ def _api(kubeconfig: str | None, context: str | None) -> Any:
     from jobrunner.backends.kubernetes import make_api_client
 
     return make_api_client(kubeconfig, context)
-
-
-def _step_options(choice: cli_backend.BackendChoice) -> Any:
-    # The same mapping as make_backend's, without connecting: --dry-run works
-    # with no cluster configured.
-    from jobrunner.backends.kubernetes import KubernetesOptions
-
-    selector = {}
-    for pair in choice.node_selector:
-        key, separator, value = pair.partition("=")
-        if not separator:
-            raise InvalidInput(f"--node-selector expects KEY=VALUE, got {pair!r}")
-        selector[key] = value
-    return KubernetesOptions(
-        namespace=choice.namespace,
-        image=choice.image or KubernetesOptions.image,
-        memory_limit=choice.memory,
-        memory_request=choice.memory,
-        cpu_limit=choice.cpu,
-        gpus=choice.gpus,
-        retry_oom=choice.retry_oom,
-        env_secret=choice.env_secret,
-        service_account=choice.service_account,
-        node_selector=selector,
-    )
 
 
 @notebook_app.command("schedule")
@@ -447,7 +398,7 @@ def schedule(
             # A local folder is given to the driver as an absolute path.
             store=CheckpointStore(store, options=options).files.url,
             driver_image=driver_image or "",
-            steps=_step_options(choice),
+            steps=cli_backend.kubernetes_options(choice),
             store_options=options,
             driver_service_account=driver_service_account,
             timezone=zone,
@@ -519,6 +470,7 @@ def unschedule(
 
 
 @notebook_app.command("drive", hidden=True)
+@cli_backend.backend_options
 def drive(
     schedule_name: Annotated[
         str, typer.Option("--schedule", help="The schedule to run once.")
@@ -526,19 +478,8 @@ def drive(
     timeout: TimeoutOption = None,
     store: StoreOption = None,
     store_option: StoreOptions = None,
-    backend: cli_backend.BackendName = "local",
-    warm: cli_backend.Warm = False,
-    memory: cli_backend.Memory = None,
-    cpu: cli_backend.Cpu = None,
-    gpus: cli_backend.Gpus = 0,
-    image: cli_backend.Image = None,
-    namespace: cli_backend.Namespace = "default",
-    kubeconfig: cli_backend.Kubeconfig = None,
-    context: cli_backend.Context = None,
-    retry_oom: cli_backend.RetryOom = False,
-    env_secret: cli_backend.EnvSecret = None,
-    service_account: cli_backend.ServiceAccount = None,
-    node_selector: cli_backend.NodeSelector = None,
+    *,
+    backend: cli_backend.BackendChoice,
 ) -> None:
     """Run one run of a scheduled notebook: what the CronJob's pod runs."""
     from jobrunner.schedule import run_scheduled_notebook
@@ -548,21 +489,7 @@ def drive(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    choice = cli_backend.BackendChoice(
-        name=backend,
-        warm=warm,
-        memory=memory,
-        cpu=cpu,
-        gpus=gpus,
-        image=image,
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        retry_oom=retry_oom,
-        env_secret=env_secret,
-        service_account=service_account,
-        node_selector=tuple(node_selector or ()),
-    )
+    choice = backend
     with _errors_reported():
         outcome = run_scheduled_notebook(
             CheckpointStore(store, options=_store_options(store_option)),
