@@ -36,6 +36,17 @@ Logs hold whole lines per stream, so stdout and stderr never split a line.
 ``backoffLimit``, ``activeDeadlineSeconds`` and ``ttlSecondsAfterFinished`` are
 honoured; ``restartPolicy: OnFailure`` restarts the process in the same pod.
 
+Container mode (``KubeServer(runtime="container", engine=...)``) runs the
+pod's first container in a real container of its image instead, through podman
+or docker (see ``_container.py``): ``command``/``args``/``env``/``envFrom``,
+``workingDir``, the merged security context (user and group, ``fsGroup``,
+read-only root, capabilities, no privilege escalation, ``runAsNonRoot``
+checked against the image), CPU and memory limits (a real OOM kill is reported
+as ``OOMKilled``), volumes (``emptyDir``, ``hostPath``, and
+``persistentVolumeClaim`` bound to host folders by ``claims``) and the host's
+network. The image is pulled by ``imagePullPolicy``; a failed pull is
+``ErrImagePull`` then ``ImagePullBackOff`` with the engine's message.
+
 Faults, per Job: an annotation ``kubeserver.test/fault`` (on the Job or its pod
 template) set to ``oom``, ``evict``, ``image-pull`` or ``unschedulable``, with
 an optional ``kubeserver.test/fault-after`` in seconds; or ``server.inject(...)``

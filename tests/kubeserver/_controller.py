@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ._container import ContainerRun, ContainerRuntime, ImagePullError
 from ._environment import ConfigError, command_line, container_env, process_env
 from ._errors import ApiError
 from ._faults import Fault, Faults, Injection, from_annotations
@@ -61,6 +63,7 @@ class Settings:
     extra_env: dict[str, str] = field(default_factory=dict)
     image_pull_backoff_after: float = 0.2
     max_grace_seconds: float = 2.0
+    containers: ContainerRuntime | None = None
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PodRuntime:
     namespace: str
     name: str
     log: PodLog = field(default_factory=PodLog)
-    process: ContainerProcess | None = None
+    process: ContainerProcess | ContainerRun | None = None
     deletion: threading.Event = field(default_factory=threading.Event)
     grace: float = 30.0
     started_at: str = ""
@@ -242,6 +245,8 @@ class Cluster:
                 runtime.process.kill()
         for thread in threads:
             thread.join(timeout=10)
+        if self.settings.containers is not None:
+            self.settings.containers.remove_all()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
@@ -516,9 +521,12 @@ class _PodRun:
         self._schedule()
         if (fault and fault.fault is Fault.IMAGE_PULL) or self._image_missing():
             return self._end(self._image_pull_fails())
-        ending = self._run_container(fault)
+        pulled = self._pull()
+        if isinstance(pulled, Ending):
+            return self._end(pulled)
+        ending = self._run_container(fault, pulled)
         while ending.outcome == "failed" and self._restarts_in_place(ending):
-            ending = self._run_container(None)
+            ending = self._run_container(None, pulled)
         return self._end(ending)
 
     def _unschedulable(self) -> Ending:
@@ -575,10 +583,27 @@ class _PodRun:
             pattern and re.search(pattern, image)
         )
 
-    def _image_pull_fails(self) -> Ending:
+    def _pull(self) -> str | Ending:
+        """In container mode, pull the image as its policy says; the event."""
+        image = self.container["image"]
+        containers = self.cluster.settings.containers
+        if containers is None:
+            return f'Container image "{image}" already present on machine'
+        policy = self.container.get("imagePullPolicy", "IfNotPresent")
+        try:
+            return containers.ensure_image(image, policy)
+        except ImagePullError as error:
+            reason, message = error.args
+            if reason == "ErrImageNeverPull":
+                self.record("Warning", "ErrImageNeverPull", message)
+                self.set_container(waiting(reason, message))
+                return self._blocked()
+            return self._image_pull_fails(message)
+
+    def _image_pull_fails(self, failure: str | None = None) -> Ending:
         image = self.container["image"]
         reference = image if "/" in image else f"docker.io/library/{image}"
-        failure = (
+        failure = failure or (
             f'failed to pull and unpack image "{reference}": failed to resolve '
             f'reference "{reference}": {reference}: not found'
         )
@@ -615,8 +640,22 @@ class _PodRun:
                 return Ending("deadline", 0, "", "DeadlineExceeded", _DEADLINE_MESSAGE)
             time.sleep(_POLL)
 
-    def _prepare(self) -> tuple[list[str], dict[str, str], str]:
+    def _prepare(self) -> Callable[[], ContainerProcess | ContainerRun]:
+        """Resolve the container's configuration; return what starts it.
+
+        Raises:
+            ConfigError: a Secret, key, volume or claim is missing, or the
+                security context cannot be honoured.
+        """
         variables = container_env(self.store, self.pod, self.container)
+        containers = self.cluster.settings.containers
+        log = self.runtime.log
+        if containers is not None:
+            variables = {**self.cluster.settings.extra_env, **variables}
+            scratch = Path(self.cluster.pod_workdir(self.pod))
+            launch = containers.launch(self.pod, self.container, variables, scratch)
+            return lambda: containers.start(self.pod, launch, log)
+
         argv = command_line(
             self.container, variables, self.cluster.settings.image_entrypoints
         )
@@ -627,25 +666,26 @@ class _PodRun:
             if working and os.path.isdir(working)
             else self.cluster.pod_workdir(self.pod)
         )
-        return argv, env, cwd
 
-    def _run_container(self, fault: Injection | None) -> Ending:
+        def start() -> ContainerProcess:
+            if not argv:
+                raise FileNotFoundError("no command specified")
+            return ContainerProcess(argv, env, cwd, log)
+
+        return start
+
+    def _run_container(self, fault: Injection | None, pulled: str) -> Ending:
         try:
-            argv, env, cwd = self._prepare()
+            start = self._prepare()
         except ConfigError as error:
             self.record("Warning", "Failed", f"Error: {error}")
             self.set_container(waiting("CreateContainerConfigError", str(error)))
             return self._blocked()
-        image = self.container["image"]
-        self.record(
-            "Normal", "Pulled", f'Container image "{image}" already present on machine'
-        )
+        self.record("Normal", "Pulled", pulled)
         self.record("Normal", "Created", f"Created container: {self.container['name']}")
         self.runtime.started_at = now()
         try:
-            if not argv:
-                raise FileNotFoundError("no command specified")
-            self.runtime.process = ContainerProcess(argv, env, cwd, self.runtime.log)
+            self.runtime.process = start()
         except OSError as error:
             message = f"failed to create containerd task: exec: {error}"
             self.record("Warning", "Failed", f"Error: {message}")
@@ -667,11 +707,15 @@ class _PodRun:
         self.update_status(ready)
         self.worker.update(lambda status: status.update(ready=1))
 
-    def _supervise(self, process: ContainerProcess, fault: Injection | None) -> Ending:
+    def _supervise(
+        self, process: ContainerProcess | ContainerRun, fault: Injection | None
+    ) -> Ending:
         strikes = fault and fault.fault in (Fault.OOM, Fault.EVICT)
         strike_at = process.started_at + fault.after if fault and strikes else None
         while True:
             code = process.wait(_POLL)
+            if code is not None and process.oom_killed:
+                return Ending("failed", code, "OOMKilled")
             if code is not None:
                 return Ending(
                     "succeeded" if code == 0 else "failed",
@@ -697,7 +741,9 @@ class _PodRun:
             if strike_at is not None and time.monotonic() >= strike_at:
                 return self._strike(process, fault)
 
-    def _strike(self, process: ContainerProcess, fault: Injection | None) -> Ending:
+    def _strike(
+        self, process: ContainerProcess | ContainerRun, fault: Injection | None
+    ) -> Ending:
         code = process.kill()
         if fault and fault.fault is Fault.OOM:
             return Ending("failed", code, "OOMKilled")

@@ -52,6 +52,26 @@ class PodLog:
             return len(self._chunks) > start or not self.closed
 
 
+def start_reader(log: PodLog, stream: str, pipe: IO[bytes]) -> threading.Thread:
+    """Copy a pipe into ``log`` as ``stream`` in a thread, until it closes."""
+
+    def read() -> None:
+        # Whole lines only, as the container runtime logs them: a line is
+        # never split by the other stream's output.
+        pending = b""
+        with pipe:
+            for data in iter(lambda: os.read(pipe.fileno(), 65536), b""):
+                lines, newline, pending = (pending + data).rpartition(b"\n")
+                if newline:
+                    log.append(stream, lines + newline)
+        if pending:
+            log.append(stream, pending)
+
+    thread = threading.Thread(target=read, name=f"kubeserver-{stream}", daemon=True)
+    thread.start()
+    return thread
+
+
 class ContainerProcess:
     """One container's command, run in its own process group.
 
@@ -78,27 +98,12 @@ class ContainerProcess:
         )
         assert self._process.stdout and self._process.stderr
         self._readers = [
-            self._reader("Stdout", self._process.stdout),
-            self._reader("Stderr", self._process.stderr),
+            start_reader(log, "Stdout", self._process.stdout),
+            start_reader(log, "Stderr", self._process.stderr),
         ]
+        # A local process has no memory limit: only an injected fault OOM-kills.
+        self.oom_killed = False
         logger.debug("started pid %d: %s", self._process.pid, argv)
-
-    def _reader(self, stream: str, pipe: IO[bytes]) -> threading.Thread:
-        def read() -> None:
-            # Whole lines only, as the container runtime logs them: a line is
-            # never split by the other stream's output.
-            pending = b""
-            with pipe:
-                for data in iter(lambda: os.read(pipe.fileno(), 65536), b""):
-                    lines, newline, pending = (pending + data).rpartition(b"\n")
-                    if newline:
-                        self.log.append(stream, lines + newline)
-            if pending:
-                self.log.append(stream, pending)
-
-        thread = threading.Thread(target=read, name=f"kubeserver-{stream}", daemon=True)
-        thread.start()
-        return thread
 
     @property
     def pid(self) -> int:

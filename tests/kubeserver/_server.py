@@ -6,13 +6,15 @@ import copy
 import logging
 import secrets
 import threading
+from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ._container import ContainerRuntime, Engine
 from ._controller import Cluster, Settings
 from ._faults import DEFAULT_AFTER, Fault, Faults
 from ._http import Handler
@@ -34,6 +36,14 @@ class KubeServer:
             None accepts any request.
         history_limit: How many changes a watch can resume from.
         extra_env: Variables every pod process gets, under the container's own.
+        runtime: ``process`` runs each pod's first container as a local
+            process (the default); ``container`` runs it in a container of its
+            image, with ``engine``.
+        engine: The container engine for ``runtime="container"``: anything
+            with ``name`` (podman or docker), ``executable`` and ``env``, such
+            as ``container_engine.require_engine()``.
+        claims: In container mode, the host folder each PersistentVolumeClaim
+            (by name) is bound to.
 
     Attributes:
         missing_images: Images that cannot be pulled.
@@ -48,16 +58,34 @@ class KubeServer:
         token: str | None = "auto",
         history_limit: int = 10_000,
         extra_env: dict[str, str] | None = None,
+        runtime: Literal["process", "container"] = "process",
+        engine: Engine | None = None,
+        claims: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.token = secrets.token_urlsafe(16) if token == "auto" else token
         self.store = Store(history_limit)
         self.settings = Settings(extra_env=dict(extra_env or {}))
+        if runtime == "container":
+            if engine is None:
+                raise ValueError('runtime="container" needs an engine')
+            self.settings.containers = ContainerRuntime(engine, dict(claims or {}))
+            # Real pulls decide which images are missing.
+            self.settings.missing_image_pattern = ""
+        elif runtime != "process":
+            raise ValueError(f"unknown runtime {runtime!r}: process or container")
         self.faults = Faults()
         self.cluster = Cluster(self.store, self.settings, self.faults)
         self._requests: list[tuple[str, str, str]] = []
         self._requests_lock = threading.Lock()
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def claims(self) -> dict[str, str | Path]:
+        """Container mode: claim name -> host folder; tests may add to it."""
+        if self.settings.containers is None:
+            raise RuntimeError('claims exist only with runtime="container"')
+        return self.settings.containers.claims
 
     @property
     def missing_images(self) -> set[str]:
