@@ -25,9 +25,23 @@ from jobrunner.errors import (
     StoreUnavailable,
 )
 from jobrunner.result import StepError, StepResult
-from jobrunner.store import CheckpointStore, new_attempt_id, validate_session_id
+from jobrunner.store import (
+    DEFAULT_GRACE,
+    CheckpointStore,
+    GcReport,
+    StepDiff,
+    new_attempt_id,
+    validate_session_id,
+)
 
-__all__ = ["Session", "Variable", "list_sessions", "raise_for_status"]
+__all__ = [
+    "Session",
+    "Variable",
+    "delete_session",
+    "gc",
+    "list_sessions",
+    "raise_for_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +76,65 @@ def list_sessions(
 ) -> list[str]:
     """Return the ids of the sessions in a store (default: the default store)."""
     return _open_store(store, store_options).sessions()
+
+
+def gc(
+    store: CheckpointStore | str | None = None,
+    *,
+    keep_last: int | None = None,
+    older_than: float | None = None,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    store_options: dict[str, Any] | None = None,
+) -> GcReport:
+    """Remove old steps of every session, then the blobs no manifest lists.
+
+    The last step of a session always stays. Blobs that no manifest lists but
+    that are younger than ``grace`` seconds stay too: a running step may be
+    about to commit them.
+
+    Args:
+        store: A :class:`CheckpointStore` or its URL (default: the default store).
+        keep_last: Keep at least this many of each session's last steps.
+        older_than: Remove only steps committed more than this many seconds ago.
+        grace: Keep unreferenced blobs younger than this many seconds.
+        dry_run: Report what would be removed; remove nothing.
+        store_options: Options of the store's filesystem, when ``store`` is a URL.
+
+    Returns:
+        What was removed: steps, attempts, blobs and bytes.
+
+    Raises:
+        InvalidInput: An argument is out of range.
+        CheckpointCorrupted: A manifest cannot be read; no blob was removed.
+
+    Example:
+        >>> gc(keep_last=10, older_than=7 * 86400).bytes_freed  # doctest: +SKIP
+        104857600
+    """
+    return _open_store(store, store_options).gc(
+        keep_last=keep_last, older_than=older_than, grace=grace, dry_run=dry_run
+    )
+
+
+def delete_session(
+    session_id: str,
+    store: CheckpointStore | str | None = None,
+    *,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    store_options: dict[str, Any] | None = None,
+) -> GcReport:
+    """Delete a session's history, then the blobs no other session lists.
+
+    Raises:
+        InvalidSessionId: The id is not a DNS label.
+        UnknownSession: The store holds no such session.
+    """
+    validate_session_id(session_id)
+    return _open_store(store, store_options).delete(
+        session_id, grace=grace, dry_run=dry_run
+    )
 
 
 def raise_for_status(result: StepResult) -> StepResult:
@@ -257,6 +330,62 @@ class Session:
             UnknownSession: The store holds no such session.
         """
         return self.store.history(self.id, last)
+
+    def diff(self, before: int, after: int | None = None) -> StepDiff:
+        """Return the names added, removed and changed between two steps.
+
+        Only the manifests are compared (blobs and modules); nothing is
+        unpickled.
+
+        Args:
+            before: The earlier committed step (0: the empty namespace).
+            after: The later committed step (default: the last).
+
+        Raises:
+            UnknownSession: The store holds no such session.
+            UnknownStep: The session has not committed one of the steps.
+        """
+        return self.store.diff(self.id, before, self.head if after is None else after)
+
+    def rollback(self, step: int) -> StepResult:
+        """Make an earlier step's state current again, as a new step.
+
+        History is kept: the new step is recorded like any other, with the
+        code ``# rollback to step N``, and no blob is written.
+
+        Args:
+            step: The committed step to return to (0: the empty namespace).
+
+        Returns:
+            The new step's result.
+
+        Raises:
+            UnknownSession: The store holds no such session.
+            UnknownStep: The session has not committed that step.
+            CommitConflict: A step committed first; run the rollback again.
+        """
+        return self.store.rollback(self.id, step)
+
+    def fork(self, new_id: str, step: int | None = None) -> Session:
+        """Start a new session from this one's state at a step.
+
+        It takes the same time whatever the session holds: the new session's
+        step 1 lists this step's blobs, which the two sessions then share.
+
+        Args:
+            new_id: The new session's id; it must not exist yet.
+            step: The committed step to fork from (default: the last).
+
+        Returns:
+            The new session, on the same store and backend.
+
+        Raises:
+            InvalidSessionId: ``new_id`` is not a DNS label.
+            InvalidInput: A session ``new_id`` exists already.
+            UnknownStep: This session has not committed that step.
+        """
+        self.store.fork(self.id, new_id, step)
+        return Session(new_id, store=self.store, backend=self.backend)
 
     def variables(self, step: int | None = None) -> list[Variable]:
         """Return the variables of a committed step (default: the last).

@@ -15,10 +15,15 @@ two steps racing on one session exactly one commits. Blobs are immutable and nev
 read before their digest matches the manifest, and manifests are verified
 (session, step and, with a signing key, an HMAC over their whole content) before
 anything they list is unpickled.
+
+History is never rewritten: a rollback or a fork commits a new manifest that
+lists the blobs of an older one, and garbage collection removes whole old steps
+and then the blobs that no remaining manifest lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -33,25 +38,30 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobrunner._files import Files, open_files
+from jobrunner._files import Files, FsspecFiles, LocalFiles, open_files
 from jobrunner.errors import (
     CheckpointCorrupted,
     CommitConflict,
+    InvalidInput,
     InvalidSessionId,
     StoreError,
     StoreUnavailable,
     UnknownSession,
     UnknownStep,
 )
-from jobrunner.result import StepResult
+from jobrunner.result import StepResult, Timings
 
 __all__ = [
+    "DEFAULT_GRACE",
     "DEFAULT_STORE",
     "SESSION_KEY_VARIABLE",
     "BlobParts",
     "CheckpointStore",
+    "GcReport",
     "Manifest",
+    "NameChange",
     "SessionKey",
+    "StepDiff",
     "blob_digest",
     "new_attempt_id",
     "session_key",
@@ -62,6 +72,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE = "./checkpoints"
+# Garbage collection keeps unreferenced blobs younger than this (seconds): a
+# step writes its blobs before the manifest that lists them, and a blob that
+# no manifest lists yet may be about to be committed.
+DEFAULT_GRACE = 3600.0
 FORMAT = 1
 _SESSION_ID = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _ATTEMPT_ID = re.compile(r"[0-9]{8}t[0-9]{9}-[0-9a-f]{8}\Z")
@@ -288,6 +302,8 @@ class Manifest:
         result: The committed step's result, as JSON data.
         python: The Python version that wrote the manifest.
         dill: The dill version that wrote its dill blobs, or None if it used none.
+        origin: For a rollback or a fork, where the state came from:
+            ``kind`` (``rollback`` or ``fork``), ``session`` and ``step``.
     """
 
     session: str
@@ -299,9 +315,10 @@ class Manifest:
     python: str = ""
     dill: str | None = None
     created: str = ""
+    origin: dict[str, Any] | None = None
 
     def to_data(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "session": self.session,
             "step": self.step,
@@ -313,11 +330,138 @@ class Manifest:
             "modules": self.modules,
             "result": self.result,
         }
+        # Only rollbacks and forks carry an origin, so that every other
+        # manifest keeps the shape (and the signed content) it always had.
+        if self.origin is not None:
+            data["origin"] = self.origin
+        return data
 
     @classmethod
     def empty(cls, session: str) -> Manifest:
         """The state of a session before its first step."""
         return cls(session=session, step=0)
+
+
+@dataclass(frozen=True)
+class NameChange:
+    """How one name differs between two committed steps.
+
+    Attributes:
+        name: The variable's name.
+        change: ``added``, ``removed`` or ``changed``.
+        before: Its type in the earlier step (``module <name>`` for a module),
+            or None if it was not there.
+        after: Its type in the later step, or None if it is not there.
+    """
+
+    name: str
+    change: str
+    before: str | None
+    after: str | None
+
+
+@dataclass(frozen=True)
+class StepDiff:
+    """The names added, removed and changed from one committed step to another.
+
+    A name is changed when its blob or its module differs. Variables that share
+    objects share a blob, so a change to one is a change to all of them.
+
+    Attributes:
+        session: The session id.
+        before: The earlier step compared.
+        after: The later step compared.
+        changes: One entry per name that differs, sorted by name.
+    """
+
+    session: str
+    before: int
+    after: int
+    changes: tuple[NameChange, ...]
+
+    def names(self, change: str) -> tuple[str, ...]:
+        """Return the names with one kind of change, sorted."""
+        return tuple(entry.name for entry in self.changes if entry.change == change)
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        return self.names("added")
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        return self.names("removed")
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        return self.names("changed")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the diff as JSON-ready data."""
+        return {
+            "session": self.session,
+            "before": self.before,
+            "after": self.after,
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": list(self.changed),
+            "changes": [dataclasses.asdict(entry) for entry in self.changes],
+        }
+
+
+def _identities(manifest: Manifest) -> dict[str, tuple[str, str, str]]:
+    """Name to (kind, blob digest or module, type) for every name of a manifest."""
+    found = {
+        name: ("blob", entry["blob"], str(entry.get("type", "?")))
+        for name, entry in manifest.variables.items()
+    }
+    for name, module in manifest.modules.items():
+        found[name] = ("module", module, f"module {module}")
+    return found
+
+
+def diff_manifests(before: Manifest, after: Manifest) -> StepDiff:
+    """Compare two manifests of one session without unpickling anything."""
+    old, new = _identities(before), _identities(after)
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        was, now = old.get(name), new.get(name)
+        if was is not None and now is not None and was[:2] == now[:2]:
+            continue
+        change = "added" if was is None else "removed" if now is None else "changed"
+        changes.append(
+            NameChange(name, change, was[2] if was else None, now[2] if now else None)
+        )
+    return StepDiff(before.session, before.step, after.step, tuple(changes))
+
+
+@dataclass
+class GcReport:
+    """What a garbage collection removed, or would remove in a dry run.
+
+    Attributes:
+        dry_run: True when nothing was removed, only counted.
+        steps_removed: Session to the step numbers whose manifests went.
+        attempts_removed: Attempt records (and their requests) removed.
+        sessions_deleted: Sessions deleted whole.
+        blobs_removed: Blobs that no remaining manifest listed.
+        bytes_freed: Their total size.
+        blobs_kept: Blobs that a remaining manifest lists.
+        blobs_in_grace: Blobs no manifest lists, kept because they are younger
+            than the grace period (a running step may be about to commit them).
+    """
+
+    dry_run: bool = False
+    steps_removed: dict[str, list[int]] = field(default_factory=dict)
+    attempts_removed: int = 0
+    sessions_deleted: list[str] = field(default_factory=list)
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    blobs_kept: int = 0
+    blobs_in_grace: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as JSON-ready data."""
+        return dataclasses.asdict(self)
 
 
 class CheckpointStore:
@@ -482,6 +626,7 @@ class CheckpointStore:
             python=data.get("python", ""),
             dill=data.get("dill"),
             created=data.get("created", ""),
+            origin=data.get("origin"),
         )
 
     def _verify_manifest(
@@ -641,7 +786,10 @@ class CheckpointStore:
         (a POSIX time) are read.
         """
         for step in range(self.head(session), 0, -1):
-            manifest = self._read_manifest(session, step)
+            try:
+                manifest = self._read_manifest(session, step)
+            except UnknownStep:  # removed by garbage collection: older still
+                break
             if manifest.result.get("attempt") == attempt:
                 return StepResult.from_dict(manifest.result)
             if _posix_time(manifest.created) < since - 1:
@@ -670,6 +818,379 @@ class CheckpointStore:
                 results.append(result)
         return results
 
+    # Comparing, rolling back and forking: new manifests from older ones.
+
+    def diff(self, session: str, before: int, after: int) -> StepDiff:
+        """Return the names added, removed and changed from one step to another.
+
+        Only the two manifests are read (and verified); nothing is unpickled.
+
+        Raises:
+            UnknownSession: The store holds no such session.
+            UnknownStep: The session has not committed one of the steps.
+        """
+        self.require(session)
+        return diff_manifests(
+            self.manifest(session, before), self.manifest(session, after)
+        )
+
+    def rollback(self, session: str, step: int) -> StepResult:
+        """Commit, as a new step, the state of an earlier step.
+
+        History is not rewritten: the new step's manifest lists the variables,
+        modules and blobs of ``step``, and its result says it is a rollback.
+        It is committed like any step, so a step that commits first makes it
+        fail with CommitConflict.
+
+        Args:
+            session: The session id.
+            step: The committed step whose state to restore (0: empty).
+
+        Returns:
+            The new step's result.
+
+        Raises:
+            UnknownSession: The store holds no such session.
+            UnknownStep: The session has not committed that step.
+            CommitConflict: Another step committed the next step first.
+        """
+        self.require(session)
+        clock = time.perf_counter()
+        head = self.head(session)
+        target = self.manifest(session, step)
+        current = self.manifest(session, head)
+        change = diff_manifests(current, target)
+        origin = {"kind": "rollback", "session": session, "step": target.step}
+        result = self._copied(
+            session,
+            head + 1,
+            f"# rollback to step {target.step}",
+            change,
+            elapsed=time.perf_counter() - clock,
+        )
+        self._commit_copy(target, session, head + 1, origin, result)
+        logger.info("rolled session %s back to step %d", session, target.step)
+        return result
+
+    def fork(self, source: str, new: str, step: int | None = None) -> StepResult:
+        """Start a new session whose first step holds the state of another's step.
+
+        Nothing but one manifest is written: blobs are content-addressed, so
+        the two sessions share them.
+
+        Args:
+            source: The session to fork.
+            new: The new session's id; it must not exist yet.
+            step: The source's committed step (default: its last).
+
+        Returns:
+            The result of the new session's step 1.
+
+        Raises:
+            InvalidSessionId: An id is not a DNS label.
+            UnknownSession: The store holds no session ``source``.
+            UnknownStep: The source has not committed that step.
+            InvalidInput: The session ``new`` exists already.
+            CommitConflict: Another fork created ``new`` first.
+            StoreError: The store holds the signing key of one session only.
+        """
+        validate_session_id(new)
+        self.require(source)
+        if self.exists(new):
+            raise InvalidInput(
+                f"session {new!r} already exists in the store {self.url};"
+                " fork into a new id"
+            )
+        clock = time.perf_counter()
+        target = self.manifest(source, step)
+        if target.step == 0:
+            raise UnknownStep(source, 0, 0)
+        change = diff_manifests(Manifest.empty(new), target)
+        origin = {"kind": "fork", "session": source, "step": target.step}
+        result = self._copied(
+            new,
+            1,
+            f"# fork of session {source} at step {target.step}",
+            change,
+            elapsed=time.perf_counter() - clock,
+        )
+        self._commit_copy(target, new, 1, origin, result)
+        logger.info("forked session %s at step %d into %s", source, target.step, new)
+        return result
+
+    @staticmethod
+    def _copied(
+        session: str, step: int, code: str, change: StepDiff, elapsed: float
+    ) -> StepResult:
+        """The result of a step that copies another's state: nothing ran."""
+        return StepResult(
+            session=session,
+            attempt=new_attempt_id(),
+            status="ok",
+            code=code,
+            base_step=step - 1,
+            step=step,
+            created=change.added,
+            changed=change.changed,
+            deleted=change.removed,
+            timings=Timings(save=elapsed),
+            started=_now(),
+        )
+
+    def _commit_copy(
+        self,
+        target: Manifest,
+        session: str,
+        step: int,
+        origin: dict[str, Any],
+        result: StepResult,
+    ) -> None:
+        manifest = Manifest(
+            session=session,
+            step=step,
+            variables=target.variables,
+            blobs=target.blobs,
+            modules=target.modules,
+            result=result.to_dict(),
+            python=target.python,
+            dill=target.dill,
+            origin=origin,
+        )
+        self.commit(manifest)
+        self.record(result)
+
+    # Garbage collection.
+
+    def gc(
+        self,
+        *,
+        keep_last: int | None = None,
+        older_than: float | None = None,
+        grace: float = DEFAULT_GRACE,
+        dry_run: bool = False,
+    ) -> GcReport:
+        """Remove old steps, then every blob that no remaining manifest lists.
+
+        A step is removed when it is not its session's last, not among the
+        last ``keep_last`` (when given) and older than ``older_than`` seconds
+        (when given); with neither, no step is removed and only unreferenced
+        blobs go. The attempt records (and requests) of removed steps go with
+        them. A blob is removed only if no manifest of any session lists it and
+        it is older than ``grace`` seconds, by the store's modification time:
+        a running step writes its blobs before the manifest that lists them.
+
+        Args:
+            keep_last: Keep at least this many of each session's last steps.
+            older_than: Remove only steps committed more than this many
+                seconds ago.
+            grace: Keep unreferenced blobs younger than this many seconds.
+            dry_run: Count what would be removed; remove nothing.
+
+        Returns:
+            What was removed (or would be, in a dry run).
+
+        Raises:
+            InvalidInput: An argument is out of range.
+            CheckpointCorrupted: A manifest cannot be read, so which blobs it
+                lists is unknown; no blob was removed.
+        """
+        _check_gc_options(keep_last, older_than, grace)
+        report = GcReport(dry_run=dry_run)
+        if keep_last is not None or older_than is not None:
+            for session in self.sessions():
+                self._prune(session, keep_last, older_than, report)
+        self._sweep(grace, report)
+        logger.info(
+            "garbage collection%s: %d steps, %d blobs, %d bytes",
+            " (dry run)" if dry_run else "",
+            sum(len(steps) for steps in report.steps_removed.values()),
+            report.blobs_removed,
+            report.bytes_freed,
+        )
+        return report
+
+    def delete(
+        self, session: str, *, grace: float = DEFAULT_GRACE, dry_run: bool = False
+    ) -> GcReport:
+        """Delete a session's folder, then the blobs no other session lists.
+
+        Blobs younger than ``grace`` seconds stay until a later collection,
+        as in :meth:`gc`.
+
+        Raises:
+            UnknownSession: The store holds no such session.
+        """
+        _check_gc_options(None, None, grace)
+        self.require(session)
+        report = GcReport(dry_run=dry_run, sessions_deleted=[session])
+        report.steps_removed[session] = self._step_numbers(session)
+        report.attempts_removed = len(self._attempt_names(session))
+        if not dry_run:
+            self._remove_session_folder(session)
+        self._sweep(grace, report)
+        logger.info("deleted session %s", session)
+        return report
+
+    def _step_numbers(self, session: str) -> list[int]:
+        names = self.files.list(f"sessions/{session}/steps")
+        return sorted(int(name[:-5]) for name in names if name[:-5].isdigit())
+
+    def _attempt_names(self, session: str) -> list[str]:
+        names = self.files.list(f"sessions/{session}/attempts")
+        return [name[:-5] for name in names if _ATTEMPT_ID.match(name[:-5])]
+
+    def _prune(
+        self,
+        session: str,
+        keep_last: int | None,
+        older_than: float | None,
+        report: GcReport,
+    ) -> None:
+        """Remove one session's old steps and the attempts that led to them."""
+        steps = self._step_numbers(session)
+        kept = set(steps[-(keep_last or 1) :])
+        cutoff = None if older_than is None else time.time() - older_than
+        removed = [
+            step
+            for step in steps
+            if step not in kept
+            and (cutoff is None or self._created(session, step) < cutoff)
+        ]
+        if not removed:
+            return
+        report.steps_removed[session] = removed
+        first_kept = min(set(steps) - set(removed))
+        for attempt in self._attempt_names(session):
+            result = self.attempt(session, attempt)
+            # An attempt goes with the step it committed or, if it committed
+            # nothing, with the step it ran on.
+            if result is None:
+                continue
+            step = result.step if result.step is not None else result.base_step
+            if step in removed or step < first_kept:
+                report.attempts_removed += 1
+                if not report.dry_run:
+                    self.files.remove(f"sessions/{session}/attempts/{attempt}.json")
+                    self.files.remove(f"sessions/{session}/requests/{attempt}.json")
+        if not report.dry_run:
+            for step in removed:
+                self.files.remove(self._manifest_path(session, step))
+
+    def _created(self, session: str, step: int) -> float:
+        """When a step was committed, as a POSIX time (its manifest's record)."""
+        path = self._manifest_path(session, step)
+        try:
+            stamp = json.loads(self.files.read(path)).get("created", "")
+        except (ValueError, AttributeError):
+            stamp = ""
+        return _posix_time(stamp) if stamp else self.files.modified(path)
+
+    def _referenced_blobs(
+        self, skip: dict[str, list[int]], heads: dict[str, int], since: bool = False
+    ) -> set[str]:
+        """Every digest a manifest of any session lists, but the skipped steps'.
+
+        ``heads`` gets each session's last step seen; with ``since``, only the
+        manifests committed after those are read.
+        """
+        found: set[str] = set()
+        for session in self.sessions():
+            steps = self._step_numbers(session)
+            if since:
+                steps = [step for step in steps if step > heads.get(session, 0)]
+            for step in steps:
+                if step not in skip.get(session, ()):
+                    found |= self._listed_blobs(session, step)
+            if steps:
+                heads[session] = max(steps[-1], heads.get(session, 0))
+        return found
+
+    def _listed_blobs(self, session: str, step: int) -> set[str]:
+        # Read without verification: nothing is unpickled, and a manifest that
+        # fails verification must still protect the blobs it lists.
+        path = self._manifest_path(session, step)
+        try:
+            data = json.loads(self.files.read(path))
+            listed = set(data.get("blobs", {}))
+            listed |= {entry["blob"] for entry in data.get("variables", {}).values()}
+        except FileNotFoundError:
+            return set()  # removed meanwhile, by another collection
+        except (ValueError, AttributeError, KeyError, TypeError) as error:
+            raise CheckpointCorrupted(
+                f"garbage collection stopped before removing any blob: the"
+                f" manifest {path} cannot be read, so the blobs it lists are"
+                " unknown; repair or remove it",
+                session=session,
+                name=path,
+            ) from error
+        return {digest for digest in listed if isinstance(digest, str)}
+
+    def _sweep(self, grace: float, report: GcReport) -> None:
+        """Remove the blobs no manifest lists that are older than ``grace``."""
+        skip = report.steps_removed if report.dry_run else {}
+        heads: dict[str, int] = {}
+        referenced = self._referenced_blobs(skip, heads)
+        cutoff = time.time() - grace
+        candidates: dict[str, int] = {}
+        for digest in self._blob_digests():
+            if digest in referenced:
+                report.blobs_kept += 1
+                continue
+            try:
+                modified, size = self._blob_stat(digest)
+            except FileNotFoundError:  # removed meanwhile, by another collection
+                continue
+            if modified > cutoff:
+                report.blobs_in_grace += 1
+            else:
+                candidates[digest] = size
+        # A second look at the manifests committed since the first: a step that
+        # reused an old blob may have committed it in between.
+        again = self._referenced_blobs(skip, heads, since=True) & candidates.keys()
+        report.blobs_kept += len(again)
+        for digest, size in candidates.items():
+            if digest in again:
+                continue
+            if not report.dry_run:
+                self.files.remove(self._blob_path(digest))
+            report.blobs_removed += 1
+            report.bytes_freed += size
+
+    def _blob_digests(self) -> Iterator[str]:
+        for prefix in self.files.list("blobs"):
+            for name in self.files.list(f"blobs/{prefix}"):
+                if _DIGEST.match(name) and name.startswith(prefix):
+                    yield name
+
+    def _blob_stat(self, digest: str) -> tuple[float, int]:
+        """A blob's modification time (POSIX) and size in bytes."""
+        path = self._blob_path(digest)
+        files = self.files
+        if isinstance(files, LocalFiles):
+            status = os.stat(os.path.join(files.root, path))
+            return status.st_mtime, status.st_size
+        size = 0
+        if isinstance(files, FsspecFiles):
+            size = int(files.fs.size(f"{files.root}/{path}") or 0)
+        return files.modified(path), size
+
+    def _remove_session_folder(self, session: str) -> None:
+        folder = f"sessions/{session}"
+        files = self.files
+        if isinstance(files, LocalFiles):
+            import shutil  # only deleting a session needs it
+
+            shutil.rmtree(os.path.join(files.root, folder), ignore_errors=True)
+        elif isinstance(files, FsspecFiles):
+            full = f"{files.root}/{folder}"
+            if files.fs.exists(full):
+                files.fs.rm(full, recursive=True)
+        else:
+            for part in ("steps", "attempts", "requests"):
+                for name in files.list(f"{folder}/{part}"):
+                    files.remove(f"{folder}/{part}/{name}")
+            files.remove(f"{folder}/HEAD")
+
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -684,11 +1205,27 @@ def _posix_time(stamp: str) -> float:
         return 0.0
 
 
+def _check_gc_options(
+    keep_last: int | None, older_than: float | None, grace: float
+) -> None:
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise InvalidInput(
+            f"keep_last must be a whole number >= 1 (the last step always stays),"
+            f" not {keep_last!r}"
+        )
+    if older_than is not None and not older_than >= 0:
+        raise InvalidInput(f"older_than must be >= 0 seconds, not {older_than!r}")
+    if not grace >= 0:
+        raise InvalidInput(f"the grace period must be >= 0 seconds, not {grace!r}")
+
+
 def _shape_problem(data: dict[str, Any]) -> str | None:
     """Say what is wrong with a manifest's structure, or return None."""
     for part in ("variables", "blobs", "modules", "result"):
         if not isinstance(data.get(part, {}), dict):
             return f"its {part} are not a mapping"
+    if not isinstance(data.get("origin", {}), dict):
+        return "its origin is not a mapping"
     for digest in data.get("blobs", {}):
         if not _DIGEST.match(digest):
             return f"it lists an invalid blob digest {digest!r}"
