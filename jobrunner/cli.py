@@ -143,6 +143,7 @@ class _LiveOutput:
 
 
 @app.command()
+@cli_backend.backend_options
 def run(
     code: Annotated[
         str | None, typer.Argument(help="The step's code, or - to read it from stdin.")
@@ -160,39 +161,14 @@ def run(
     store: StoreOption = None,
     store_option: StoreOptions = None,
     as_json: JsonOption = False,
-    backend: cli_backend.BackendName = "local",
-    warm: cli_backend.Warm = False,
-    memory: cli_backend.Memory = None,
-    cpu: cli_backend.Cpu = None,
-    gpus: cli_backend.Gpus = 0,
-    image: cli_backend.Image = None,
-    namespace: cli_backend.Namespace = "default",
-    kubeconfig: cli_backend.Kubeconfig = None,
-    context: cli_backend.Context = None,
-    retry_oom: cli_backend.RetryOom = False,
-    env_secret: cli_backend.EnvSecret = None,
-    service_account: cli_backend.ServiceAccount = None,
-    node_selector: cli_backend.NodeSelector = None,
+    *,
+    backend: cli_backend.BackendChoice,
 ) -> None:
     """Run one step of a session and show its output and value."""
     if not session:
         _fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
     source = _read_code(code, file)
-    choice = cli_backend.BackendChoice(
-        name=backend,
-        warm=warm,
-        memory=memory,
-        cpu=cpu,
-        gpus=gpus,
-        image=image,
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        retry_oom=retry_oom,
-        env_secret=env_secret,
-        service_account=service_account,
-        node_selector=tuple(node_selector or ()),
-    )
+    choice = backend
     with _errors_reported():
         runner = Session(
             session,

@@ -376,13 +376,6 @@ def test_a_mutation_of_an_object_two_containers_hold(session: Session) -> None:
     assert value == "([1], True)"
 
 
-@pytest.mark.xfail(
-    reason="the runtime groups variables by the objects the garbage collector"
-    " tracks, and a dict holding only atomic values is untracked: two variables"
-    " that share one (named or not) are pickled apart, and a change through one"
-    " is lost to the other",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "setup",
     [
@@ -401,6 +394,17 @@ def test_a_mutation_of_a_flat_dict_two_variables_share(
         "others[0]['n'], others[0] is holder['x']",
     )
     assert value == "(5, True)"
+
+
+def test_a_mutation_of_a_bytearray_two_variables_share(session: Session) -> None:
+    value = run_all(
+        session,
+        "shared = bytearray(b'ab')\nholder = {'x': shared}\nothers = [shared]\n"
+        "del shared",
+        "holder['x'][0] = 120",
+        "bytes(others[0]), others[0] is holder['x']",
+    )
+    assert value == "(b'xb', True)"
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import enum
 import gc
 import importlib
 import io
+import itertools
 import pickle
 import sys
 import types
@@ -52,6 +53,8 @@ DYNAMIC = frozenset(
 )
 # Values of these types are copied, never shared or referred to by name.
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
+# Values that cannot be shared in any way that matters: immutable and atomic.
+_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 # Walking stops at these: they are pickled by reference, never by content.
 _OPAQUE = (type, FunctionType, ModuleType)
 
@@ -326,20 +329,22 @@ def _pickle_group(
 
 
 def _reachable(root: Any, stop: set[int]) -> set[int]:
-    """Return the ids of the mutable objects reachable from ``root``.
+    """Return the ids of the objects reachable from ``root`` that may be shared.
 
-    Atomic values are filtered out in C (``gc.is_tracked``), which keeps the walk
-    cheap on large flat containers.
+    Most of a large container is atomic values, which are skipped in C: the
+    garbage collector does not track them. It does not track a dict that holds
+    only atomic values either, nor a bytearray, which may be shared all the
+    same: those are picked out when a level has any, at the cost of one more
+    pass in C over its referents.
     """
-    # TODO: a dict holding only atomic values is untracked by the garbage
-    # collector and so not seen here; two variables sharing such a dict (and not
-    # sharing the container that holds it) are pickled apart, and a later change
-    # through one name is not seen through the other. Finding them would cost a
-    # Python-level type check per contained value.
     seen = {id(root)}
     frontier = [root]
     while frontier:
-        found = filter(gc.is_tracked, gc.get_referents(*frontier))
+        referents = gc.get_referents(*frontier)
+        found = list(filter(gc.is_tracked, referents))
+        untracked = set(map(type, itertools.filterfalse(gc.is_tracked, referents)))
+        if not untracked <= _ATOMS:
+            found += [o for o in referents if type(o) in untracked - _ATOMS]
         frontier = []
         for obj in found:
             key = id(obj)
