@@ -427,8 +427,16 @@ class FsspecFiles:
         return found == data
 
     def exists(self, path: str) -> bool:
-        found: bool = self._retry(lambda: self.fs.exists(self._full(path)), "look")
-        return found
+        full = self._full(path)
+
+        def look() -> bool:
+            # Past the listing cache that list() fills (s3fs answers exists()
+            # and info() from it): other processes add files, such as the next
+            # manifest, and a cached answer would make a session's head stale.
+            self.fs.invalidate_cache(full)
+            return bool(self.fs.exists(full))
+
+        return self._retry(look, "look")
 
     def list(self, path: str) -> list[str]:
         full = self._full(path)
@@ -450,7 +458,13 @@ class FsspecFiles:
         self._retry(remove, "remove")
 
     def modified(self, path: str) -> float:
-        info = self._retry(lambda: self.fs.info(self._full(path)), "look")
+        full = self._full(path)
+
+        def look() -> Any:
+            self.fs.invalidate_cache(full)  # as in exists()
+            return self.fs.info(full)
+
+        info = self._retry(look, "look")
         stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
         if hasattr(stamp, "timestamp"):
             return float(stamp.timestamp())

@@ -550,6 +550,10 @@ class CheckpointStore:
         """Return True if the session has any committed or attempted step."""
         validate_session_id(session)
         prefix = f"sessions/{session}"
+        # Every commit writes the HEAD hint: one lookup answers for a session
+        # with steps, where listing its steps would cost one name per step.
+        if self.files.exists(f"{prefix}/HEAD"):
+            return True
         return bool(
             self.files.list(f"{prefix}/steps") or self.files.list(f"{prefix}/attempts")
         )
@@ -703,11 +707,22 @@ class CheckpointStore:
         """
         digest = digest or blob_digest(data)
         path = self._blob_path(digest)
-        if self.files.exists(path):
+        if self.files.exists(path) and self._holds_blob(digest):
             return 0
         parts = data.parts if isinstance(data, BlobParts) else [data]
         self.files.write_parts(path, parts)
         return len(data)
+
+    def _holds_blob(self, digest: str) -> bool:
+        # A blob found under its digest is trusted only once it matches: a
+        # writer that can guess a step's next blob could otherwise put other
+        # bytes there first, and the step would commit a state nobody can load.
+        try:
+            self.read_blob(digest)
+        except CheckpointCorrupted:
+            logger.warning("the blob %s did not match its digest; writing it", digest)
+            return False
+        return True
 
     def read_blob(self, digest: str, *, session: str = "", name: str = "") -> bytearray:
         """Return a blob's bytes after checking them against their digest.
@@ -750,18 +765,51 @@ class CheckpointStore:
     def write_request(
         self, session: str, attempt: str, request: dict[str, Any]
     ) -> None:
-        """Record what an attempt is asked to run, before it starts."""
+        """Record what an attempt is asked to run, before it starts.
+
+        With a signing key the request is signed, with its session and
+        attempt, so that a step's process runs only code that its own session's
+        caller asked for: a request written by anyone else is refused.
+        """
         path = f"sessions/{session}/requests/{attempt}.json"
-        self.files.write(path, json.dumps(request).encode())
+        data = dict(request)
+        if self.signed:
+            data["signature"] = self._sign_request(session, attempt, request)
+        self.files.write(path, json.dumps(data).encode())
 
     def read_request(self, session: str, attempt: str) -> dict[str, Any]:
-        """Return an attempt's request; raise UnknownSession if there is none."""
+        """Return an attempt's request, verified when a signing key is configured.
+
+        Raises:
+            UnknownSession: The attempt has no request.
+            CheckpointCorrupted: The request's signature is missing or wrong.
+        """
         path = f"sessions/{validate_session_id(session)}/requests/{attempt}.json"
         try:
             request: dict[str, Any] = json.loads(self.files.read(path))
         except FileNotFoundError:
             raise UnknownSession(session, self.url) from None
+        signature = request.pop("signature", None)
+        if self.signed and not (
+            isinstance(signature, str)
+            and hmac.compare_digest(
+                signature, self._sign_request(session, attempt, request)
+            )
+        ):
+            raise CheckpointCorrupted(
+                f"refused the request of attempt {attempt} of session {session!r}"
+                f" ({path}): it is not signed with the session's key, so it was"
+                " not written by the session's caller",
+                session=session,
+                name=path,
+            )
         return request
+
+    def _sign_request(self, session: str, attempt: str, request: dict[str, Any]) -> str:
+        # Other keys than a manifest's: a signed request never verifies as one.
+        return self._sign(
+            session, {"request": request, "session": session, "attempt": attempt}
+        )
 
     def record(self, result: StepResult) -> None:
         """Store the result of an attempt (committed or not)."""
@@ -808,9 +856,16 @@ class CheckpointStore:
         """
         self.require(session)
         names = self.files.list(f"sessions/{session}/attempts")
-        names = [name for name in names if _ATTEMPT_ID.match(name[:-5])]
-        if last is not None:
-            names = names[-last:] if last > 0 else []
+        wanted = len(names) if last is None else max(last, 0)
+        # From the newest back, so that a long session's older names are not
+        # each matched for the last few.
+        chosen: list[str] = []
+        for name in reversed(names):
+            if len(chosen) == wanted:
+                break
+            if _ATTEMPT_ID.match(name[:-5]):
+                chosen.append(name)
+        names = chosen[::-1]
         results = []
         for name in names:
             result = self.attempt(session, name[:-5])

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 _WARM_MODULE = "jobrunner.runtime._warm"
+_MASTER_KEY_VARIABLES = ("JOBRUNNER_SIGNING_KEY", "JOBRUNNER_SIGNING_KEY_FILE")
 
 
 class _Process(Protocol):
@@ -126,6 +127,7 @@ class _WarmParent:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
+            env=_without_master_key(os.environ),
         )
         assert self.process.stdout is not None
         if self.process.stdout.readline() != b"ready\n":
@@ -339,6 +341,17 @@ class LocalBackend(Backend):
         if chosen:
             logger.info("cancelled %d running step(s)", len(chosen))
         return len(chosen)
+
+
+def _without_master_key(environment: Mapping[str, str]) -> dict[str, str]:
+    # Every step forked from the warm parent shares the environment it was
+    # started with (a step reads it in /proc/self/environ, whatever its
+    # os.environ says): the master key must never be in it.
+    return {
+        name: value
+        for name, value in environment.items()
+        if name not in _MASTER_KEY_VARIABLES
+    }
 
 
 def _address_space_limit(limit: int) -> Callable[[], None]:

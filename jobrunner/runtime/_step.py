@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from types import CodeType
 from typing import Any, TextIO
 
-from jobrunner.errors import CommitConflict, JobRunnerError
+from jobrunner.errors import CheckpointCorrupted, CommitConflict, JobRunnerError
 from jobrunner.result import StepError, StepResult, Timings
 from jobrunner.runtime._display import collect_figures
 from jobrunner.runtime._namespace import (
@@ -198,8 +198,16 @@ def run_step(store: CheckpointStore, session: str, attempt: str) -> StepResult:
     Returns:
         The result, as recorded.
     """
-    request = store.read_request(session, attempt)
     step = _Step(store, session, attempt)
+    try:
+        request = store.read_request(session, attempt)
+    except CheckpointCorrupted as error:
+        # A request that is not the caller's is never run, and says why.
+        result = step.result(
+            "", "error", error=StepError(type(error).__name__, str(error))
+        )
+        store.record(result)
+        return result
     result = _run(step, request["code"], request.get("output_limit"))
     store.record(result)
     return result
