@@ -50,6 +50,9 @@ class Files(Protocol):
 
     def exists(self, path: str) -> bool: ...
 
+    def refresh(self, path: str) -> bool:
+        """Mark an existing file as just used; return False if there is none."""
+
     def list(self, path: str) -> list[str]: ...
 
     def remove(self, path: str) -> None: ...
@@ -131,6 +134,13 @@ class LocalFiles:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._full(path))
+
+    def refresh(self, path: str) -> bool:
+        try:
+            os.utime(self._full(path))
+        except FileNotFoundError:
+            return False
+        return True
 
     def list(self, path: str) -> list[str]:
         try:
@@ -437,6 +447,26 @@ class FsspecFiles:
             return bool(self.fs.exists(full))
 
         return self._retry(look, "look")
+
+    def refresh(self, path: str) -> bool:
+        full = self._full(path)
+
+        def touch() -> bool:
+            self.fs.invalidate_cache(full)
+            if not self.fs.exists(full):
+                return False
+            try:
+                self.fs.touch(full, truncate=False)
+            except (NotImplementedError, ValueError):
+                if hasattr(self.fs, "setxattr"):
+                    # S3 cannot touch an object; copying it onto itself with
+                    # new metadata renews its time without sending its bytes.
+                    self.fs.setxattr(full, jobrunner_used=str(int(time.time())))
+                else:
+                    self.fs.pipe_file(full, self.fs.cat_file(full))
+            return True
+
+        return bool(self._retry(touch, "refresh"))
 
     def list(self, path: str) -> list[str]:
         full = self._full(path)

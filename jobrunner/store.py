@@ -707,7 +707,10 @@ class CheckpointStore:
         """
         digest = digest or blob_digest(data)
         path = self._blob_path(digest)
-        if self.files.exists(path) and self._holds_blob(digest):
+        # A blob that is already there may be one that no manifest lists any
+        # more: renewing its time keeps garbage collection, which spares young
+        # blobs, from removing it before this step commits it.
+        if self.files.refresh(path) and self._holds_blob(digest):
             return 0
         parts = data.parts if isinstance(data, BlobParts) else [data]
         self.files.write_parts(path, parts)
@@ -1204,12 +1207,22 @@ class CheckpointStore:
         again = self._referenced_blobs(skip, heads, since=True) & candidates.keys()
         report.blobs_kept += len(again)
         for digest, size in candidates.items():
-            if digest in again:
+            if digest in again or self._reused_since(digest, cutoff):
                 continue
             if not report.dry_run:
                 self.files.remove(self._blob_path(digest))
             report.blobs_removed += 1
             report.bytes_freed += size
+
+    def _reused_since(self, digest: str, cutoff: float) -> bool:
+        """True if a step wrote or reused the blob since the sweep began.
+
+        What remains is the instant between this look and the removal.
+        """
+        try:
+            return self._blob_stat(digest)[0] > cutoff
+        except FileNotFoundError:
+            return True
 
     def _blob_digests(self) -> Iterator[str]:
         for prefix in self.files.list("blobs"):
