@@ -72,7 +72,6 @@ class Bench:
             self.entries,
             {},
             lambda digest, what: self.store.read_blob(digest, name=what),
-            "this benchmark",
         )
         loader.load([name])
         return namespace[name]

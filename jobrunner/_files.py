@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import mmap
 import os
 import random
 import sys
@@ -38,8 +39,9 @@ class Files(Protocol):
 
     def read(self, path: str) -> bytes: ...
 
-    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> bytearray:
-        """Read a whole file into a new buffer, passing each chunk as it lands."""
+    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> memoryview:
+        """Read a whole file into new private, writable memory, passing each
+        chunk as it lands."""
 
     def write(self, path: str, data: bytes) -> None: ...
 
@@ -64,7 +66,18 @@ def _size(parts: Sequence[Buffer]) -> int:
     return sum(memoryview(part).nbytes for part in parts)
 
 
-def _in_chunks(buffer: bytearray, chunk: int, on_chunk: ChunkCallback) -> None:
+def private_memory(size: int) -> memoryview:
+    """Return ``size`` bytes of new, writable memory that nothing else shares.
+
+    Large buffers are anonymous memory maps: unlike a bytearray, they are not
+    zero-filled first, a pass over the whole blob that a read then repeats.
+    """
+    if size < 2**20:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size))
+
+
+def _in_chunks(buffer: memoryview, chunk: int, on_chunk: ChunkCallback) -> None:
     view = memoryview(buffer)
     for start in range(0, len(buffer), chunk):
         on_chunk(view[start : start + chunk])
@@ -84,11 +97,10 @@ class LocalFiles:
         with open(self._full(path), "rb") as file:
             return file.read()
 
-    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> bytearray:
+    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> memoryview:
         with open(self._full(path), "rb", buffering=0) as file:
-            buffer = bytearray(os.fstat(file.fileno()).st_size)
-            view = memoryview(buffer)
-            for start in range(0, len(buffer), chunk):
+            view = private_memory(os.fstat(file.fileno()).st_size)
+            for start in range(0, view.nbytes, chunk):
                 piece = view[start : start + chunk]
                 got = 0
                 while got < piece.nbytes:
@@ -97,7 +109,7 @@ class LocalFiles:
                         raise OSError(f"{path} was shortened while it was read")
                     got += count
                 on_chunk(piece)
-        return buffer
+        return view
 
     def write(self, path: str, data: bytes) -> None:
         self.write_parts(path, [data])
@@ -298,10 +310,10 @@ class FsspecFiles:
         data: bytes = self._retry(lambda: self.fs.cat_file(self._full(path)), "read")
         return data
 
-    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> bytearray:
+    def read_into(self, path: str, chunk: int, on_chunk: ChunkCallback) -> memoryview:
         full = self._full(path)
         if not self._s3:
-            buffer = bytearray(self.read(path))
+            buffer = memoryview(bytearray(self.read(path)))
             _in_chunks(buffer, chunk, on_chunk)
             return buffer
         # Chunks are handed on only once the whole read succeeded, since a
@@ -312,16 +324,15 @@ class FsspecFiles:
         _in_chunks(buffer, chunk, on_chunk)
         return buffer
 
-    def _s3_read(self, full: str, chunk: int) -> bytearray:
+    def _s3_read(self, full: str, chunk: int) -> memoryview:
         from fsspec.asyn import sync
 
-        async def read() -> bytearray:
+        async def read() -> memoryview:
             import asyncio
 
             bucket, key, _ = self.fs.split_path(full)
             head = await self.fs._call_s3("head_object", Bucket=bucket, Key=key)
-            buffer = bytearray(head["ContentLength"])
-            view = memoryview(buffer)
+            view = buffer = private_memory(head["ContentLength"])
             limit = asyncio.Semaphore(self.fs.max_concurrency)
 
             async def fetch(start: int) -> None:
@@ -345,7 +356,7 @@ class FsspecFiles:
             await asyncio.gather(*(fetch(s) for s in range(0, len(buffer), chunk)))
             return buffer
 
-        result: bytearray = sync(self.fs.loop, read)
+        result: memoryview = sync(self.fs.loop, read)
         return result
 
     def write(self, path: str, data: bytes) -> None:

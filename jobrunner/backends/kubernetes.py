@@ -56,6 +56,7 @@ _IMAGE_PULL_FAILURES = {
     "ErrImageNeverPull",
 }
 _WATCH_SECONDS = 60
+_KILLED_EXIT = 128 + 9
 
 
 @dataclass(frozen=True)
@@ -697,6 +698,17 @@ def _outcome_of(
             )
         )
     code = terminated.exit_code if terminated is not None else None
+    if code == _KILLED_EXIT:
+        # A container killed by a signal exits 128 + the signal: 137 is SIGKILL,
+        # sent by something other than the kernel's OOM killer (reported above).
+        return _Outcome(
+            exit=StepExit(
+                reason="killed",
+                exit_code=code,
+                message="the step's container was killed by SIGKILL before it"
+                " committed; run the step again",
+            )
+        )
     return _Outcome(exit=StepExit(reason="exited", exit_code=code))
 
 

@@ -53,8 +53,12 @@ DYNAMIC = frozenset(
 )
 # Values of these types are copied, never shared or referred to by name.
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
-# Values that cannot be shared in any way that matters: immutable and atomic.
-_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+# Untracked values whose sharing cannot matter: immutable. (The collector
+# untracks a tuple only when nothing in it can hold a reference, so a tuple
+# here holds atoms, or a bytearray at worst.)
+_UNSHAREABLE = frozenset(
+    {int, float, complex, str, bytes, bool, type(None), tuple, frozenset}
+)
 # Walking stops at these: they are pickled by reference, never by content.
 _OPAQUE = (type, FunctionType, ModuleType)
 
@@ -334,8 +338,8 @@ def _reachable(root: Any, stop: set[int]) -> set[int]:
     Most of a large container is atomic values, which are skipped in C: the
     garbage collector does not track them. It does not track a dict that holds
     only atomic values either, nor a bytearray, which may be shared all the
-    same: those are picked out when a level has any, at the cost of one more
-    pass in C over its referents.
+    same: those are picked out when a level has any, with one more pass in C
+    over its referents.
     """
     seen = {id(root)}
     frontier = [root]
@@ -343,8 +347,10 @@ def _reachable(root: Any, stop: set[int]) -> set[int]:
         referents = gc.get_referents(*frontier)
         found = list(filter(gc.is_tracked, referents))
         untracked = set(map(type, itertools.filterfalse(gc.is_tracked, referents)))
-        if not untracked <= _ATOMS:
-            found += [o for o in referents if type(o) in untracked - _ATOMS]
+        shareable = untracked - _UNSHAREABLE
+        if shareable:
+            kinds = map(shareable.__contains__, map(type, referents))
+            found += itertools.compress(referents, kinds)
         frontier = []
         for obj in found:
             key = id(obj)
@@ -559,7 +565,7 @@ class Loader:
         namespace: dict[str, Any],
         variables: dict[str, dict[str, Any]],
         modules: dict[str, str],
-        read_blob: Callable[[str, str], bytes | bytearray],
+        read_blob: Callable[[str, str], bytes | bytearray | memoryview],
         blobs: dict[str, dict[str, Any]] | None = None,
         writer: dict[str, str | None] | None = None,
     ) -> None:

@@ -266,7 +266,7 @@ def _load_and_execute(
 ) -> StepError | tuple[Loader, str | None]:
     store = step.store
 
-    def read_blob(digest: str, name: str) -> bytes | bytearray:
+    def read_blob(digest: str, name: str) -> memoryview:
         return store.read_blob(digest, session=step.session, name=name)
 
     writer = {"python": base.python, "dill": base.dill}
