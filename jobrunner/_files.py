@@ -43,7 +43,8 @@ class Files(Protocol):
         """Read a whole file into new private, writable memory, passing each
         chunk as it lands."""
 
-    def write(self, path: str, data: bytes) -> None: ...
+    def write(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        """Replace a file whole; ``durable=False`` skips waiting for the disk."""
 
     def write_parts(self, path: str, parts: Sequence[Buffer]) -> None:
         """Write the concatenation of ``parts``, all or nothing."""
@@ -111,8 +112,9 @@ class LocalFiles:
                 on_chunk(piece)
         return view
 
-    def write(self, path: str, data: bytes) -> None:
-        self.write_parts(path, [data])
+    def write(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        temporary = self._write_temporary(path, [data], durable=durable)
+        os.replace(temporary, self._full(path))
 
     def write_parts(self, path: str, parts: Sequence[Buffer]) -> None:
         temporary = self._write_temporary(path, parts)
@@ -127,7 +129,9 @@ class LocalFiles:
         finally:
             os.unlink(temporary)
 
-    def _write_temporary(self, path: str, parts: Sequence[Buffer]) -> str:
+    def _write_temporary(
+        self, path: str, parts: Sequence[Buffer], *, durable: bool = True
+    ) -> str:
         full = self._full(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         temporary = f"{full}.{uuid.uuid4().hex}.tmp"
@@ -137,7 +141,8 @@ class LocalFiles:
                     view = memoryview(part)
                     while view.nbytes:
                         view = view[file.write(view) :]
-                os.fsync(file.fileno())
+                if durable:
+                    os.fsync(file.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
@@ -359,8 +364,8 @@ class FsspecFiles:
         result: memoryview = sync(self.fs.loop, read)
         return result
 
-    def write(self, path: str, data: bytes) -> None:
-        self.write_parts(path, [data])
+    def write(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        self.write_parts(path, [data])  # an object store's put is durable anyway
 
     def write_parts(self, path: str, parts: Sequence[Buffer]) -> None:
         full = self._full(path)

@@ -2,7 +2,7 @@
 
 Layout under the store's root (a local folder or any fsspec URL)::
 
-    blobs/<2 hex>/<sha256>                  pickled variables, content-addressed
+    blobs/<2 hex>/<digest>                  pickled variables, content-addressed
     sessions/<id>/steps/<step>.json         manifests: one per committed step
     sessions/<id>/attempts/<attempt>.json   the result of every attempt
     sessions/<id>/requests/<attempt>.json   the code an attempt was asked to run
@@ -691,7 +691,9 @@ class CheckpointStore:
             self.files.create(path, json.dumps(data).encode())
         except FileExistsError:
             raise CommitConflict(manifest.session, manifest.step) from None
-        self.files.write(f"sessions/{manifest.session}/HEAD", b"%d" % manifest.step)
+        # A hint, found again from the manifests if a crash loses it.
+        head = f"sessions/{manifest.session}/HEAD"
+        self.files.write(head, b"%d" % manifest.step, durable=False)
         logger.debug("committed step %d of session %s", manifest.step, manifest.session)
 
     # Blobs.
@@ -783,7 +785,8 @@ class CheckpointStore:
         data = dict(request)
         if self.signed:
             data["signature"] = self._sign_request(session, attempt, request)
-        self.files.write(path, json.dumps(data).encode())
+        # Read at once by the step it starts: no need to wait for the disk.
+        self.files.write(path, json.dumps(data).encode(), durable=False)
 
     def read_request(self, session: str, attempt: str) -> dict[str, Any]:
         """Return an attempt's request, verified when a signing key is configured.
@@ -822,7 +825,8 @@ class CheckpointStore:
     def record(self, result: StepResult) -> None:
         """Store the result of an attempt (committed or not)."""
         path = f"sessions/{result.session}/attempts/{result.attempt}.json"
-        self.files.write(path, json.dumps(result.to_dict()).encode())
+        # A committed step's result is also in its manifest, which is durable.
+        self.files.write(path, json.dumps(result.to_dict()).encode(), durable=False)
 
     def attempt(self, session: str, attempt: str) -> StepResult | None:
         """Return the recorded result of an attempt, or None if it has none."""

@@ -217,3 +217,42 @@ def test_credentials_never_leak(
     for secret in SECRETS:
         for text in exposed:
             assert secret not in text
+
+
+def test_json_output_of_the_cli_never_shows_credentials(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from jobrunner.cli import app
+
+    monkeypatch.setenv("JOBRUNNER_SIGNING_KEY", SECRETS[2])
+    store = [
+        "--store",
+        s3_store.url,
+        "--store-option",
+        f"endpoint_url={s3_store.options['endpoint_url']}",
+        "--store-option",
+        f"key={SECRETS[0]}",
+        "--store-option",
+        f"secret={SECRETS[1]}",
+    ]
+    runner = CliRunner()
+    commands = [
+        ["run", "-s", "cli-leaks", "--json", "x = 41\nx + 1"],
+        ["run", "-s", "cli-leaks", "--json", "import os\nraise KeyError(x)"],
+        ["history", "cli-leaks", "--json"],
+        ["vars", "cli-leaks", "--json"],
+        ["show", "cli-leaks", "1", "--json"],
+        ["sessions", "--json"],
+    ]
+    outputs = []
+    for command in commands:
+        result = runner.invoke(app, [*command, *store])
+        assert result.exit_code in (0, 1), result.output
+        outputs.append(result.stdout + result.stderr)
+    assert json.loads(outputs[0])["value"] == "42"
+    assert json.loads(outputs[1])["error"]["type"] == "KeyError"
+    for secret in SECRETS:
+        for output in outputs:
+            assert secret not in output

@@ -61,10 +61,10 @@ class _Files:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._files, name)
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes, **options: Any) -> None:
         if path.endswith("/HEAD"):
             _reached("head")
-        self._files.write(path, data)
+        self._files.write(path, data, **options)
 
 
 def _wrap_store(module: ModuleType) -> None:
