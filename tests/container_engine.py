@@ -66,6 +66,12 @@ class ContainerEngineError(RuntimeError):
     """An engine command failed; the message carries the end of its output."""
 
 
+# The folder engine commands run in: podman's conmon leaves an empty "oom" file
+# in its working directory when a container is OOM-killed, which must not land
+# in the repository.
+ENGINE_WORKDIR = tempfile.gettempdir()
+
+
 @dataclass(frozen=True)
 class ContainerEngine:
     """A container engine CLI and the environment that every call to it needs."""
@@ -80,6 +86,7 @@ class ContainerEngine:
         """Run the engine with args and capture its output; never raises on exit."""
         return subprocess.run(
             [self.executable, *args],
+            cwd=ENGINE_WORKDIR,
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +42,10 @@ from ._environment import ConfigError, expand
 from ._process import PodLog, start_reader
 from ._store import Object
 from ._validation import parse_quantity
+
+# Engine commands run here: podman's conmon leaves an empty "oom" file in its
+# working directory when a container is OOM-killed.
+ENGINE_WORKDIR = tempfile.gettempdir()
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class ContainerRuntime:
         """Run the engine with args, capturing its output; never raises on exit."""
         return subprocess.run(
             [self.engine.executable, *args],
+            cwd=ENGINE_WORKDIR,
             env={**os.environ, **self.engine.env},
             capture_output=True,
             text=True,
@@ -307,6 +313,7 @@ class ContainerRuntime:
         try:
             created = subprocess.run(
                 [self.engine.executable, *launch.create],
+                cwd=ENGINE_WORKDIR,
                 env=env,
                 capture_output=True,
                 text=True,
@@ -361,6 +368,7 @@ class ContainerRun:
         self.started_at = time.monotonic()
         self._attached = subprocess.Popen(
             [runtime.engine.executable, "start", "--attach", name],
+            cwd=ENGINE_WORKDIR,
             env={**os.environ, **runtime.engine.env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -495,6 +503,7 @@ def _pod_cgroups_work(engine: Engine) -> bool:
         return False
     info = subprocess.run(
         [engine.executable, "info", "--format", "{{.Host.CgroupManager}}"],
+        cwd=ENGINE_WORKDIR,
         env={**os.environ, **engine.env},
         capture_output=True,
         text=True,
