@@ -8,29 +8,35 @@ or a killed step included).
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from jobrunner import cli_backend
+from jobrunner.cli_common import (
+    EXIT_JOBRUNNER,
+    EXIT_USAGE,
+    JsonOption,
+    StoreOption,
+    StoreOptions,
+    console,
+    errors,
+    errors_reported,
+    fail,
+    open_store,
+    print_json,
+)
 from jobrunner.cli_notebook import notebook_app
-from jobrunner.errors import InvalidInput, JobRunnerError
 from jobrunner.result import StepResult
 from jobrunner.session import Session, delete_session, gc, list_sessions
-from jobrunner.store import DEFAULT_GRACE, CheckpointStore, GcReport, StepDiff
+from jobrunner.store import DEFAULT_GRACE, GcReport, StepDiff
 
 __all__ = ["app", "main"]
 
-EXIT_CODE_FAILED = 1
-EXIT_USAGE = 2
-EXIT_JOBRUNNER = 3
 _EXIT_BY_STATUS = {"ok": 0, "error": 1, "timeout": 1, "conflict": 3, "killed": 3}
 
 app = typer.Typer(
@@ -40,81 +46,21 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-StoreOption = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        envvar="JOBRUNNER_STORE",
-        help="Checkpoint store: a folder or an fsspec URL such as s3://bucket/prefix.",
-        show_default="./checkpoints",
-    ),
-]
-StoreOptions = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--store-option",
-        metavar="KEY=VALUE",
-        help="An option of the store's filesystem, e.g. endpoint_url=http://...",
-    ),
-]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print machine-readable JSON instead.")
-]
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors_reported() -> Iterator[None]:
-    """Turn jobrunner's errors into one red line and the documented exit code."""
-    try:
-        yield
-    except InvalidInput as error:
-        _fail(str(error), EXIT_USAGE)
-    except JobRunnerError as error:
-        _fail(str(error), EXIT_JOBRUNNER)
-
-
-def _store_options(pairs: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            _fail(f"--store-option expects KEY=VALUE, got {pair!r}", EXIT_USAGE)
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
-def _store(url: str | None, pairs: list[str] | None) -> CheckpointStore:
-    return CheckpointStore(url, options=_store_options(pairs))
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 def _read_code(code: str | None, file: str | None) -> str | bytes:
     if code is not None and file is not None:
-        _fail("give the code as an argument or with --file, not both", EXIT_USAGE)
+        fail("give the code as an argument or with --file, not both", EXIT_USAGE)
     if file is not None:
         try:
             with open(file, "rb") as stream:
                 return stream.read()
         except OSError as error:
-            _fail(f"cannot read {file}: {error.strerror}", EXIT_USAGE)
+            fail(f"cannot read {file}: {error.strerror}", EXIT_USAGE)
     if code == "-":
         return sys.stdin.buffer.read()
     if code is None:
-        _fail("no code: give it as an argument, with --file FILE, or - for stdin", 2)
+        fail("no code: give it as an argument, with --file FILE, or - for stdin", 2)
     return code
 
 
@@ -166,20 +112,20 @@ def run(
 ) -> None:
     """Run one step of a session and show its output and value."""
     if not session:
-        _fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
+        fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
     source = _read_code(code, file)
     choice = backend
-    with _errors_reported():
+    with errors_reported():
         runner = Session(
             session,
-            store=_store(store, store_option),
+            store=open_store(store, store_option),
             backend=cli_backend.make_backend(choice),
         )
         if as_json:
             result = runner.run(
                 source, timeout=timeout, retry_on_conflict=retry_conflicts
             )
-            _print_json(result.to_dict())
+            print_json(result.to_dict())
         else:
             result = _run_live(
                 lambda on_output: runner.run(
@@ -200,7 +146,7 @@ def _run_live(start: Callable[[Any], StepResult]) -> StepResult:
             return start(live)
         except KeyboardInterrupt:
             live.flush()
-            _fail("interrupted: the step was stopped and the session is unchanged", 130)
+            fail("interrupted: the step was stopped and the session is unchanged", 130)
         finally:
             live.flush()
 
@@ -253,10 +199,10 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """List every step of a session, failed ones included."""
-    with _errors_reported():
-        results = Session(session, store=_store(store, store_option)).history(last)
+    with errors_reported():
+        results = Session(session, store=open_store(store, store_option)).history(last)
     if as_json:
-        _print_json([result.to_dict() for result in results])
+        print_json([result.to_dict() for result in results])
         return
     table = Table(title=f"session {session}")
     columns = ("step", "status", "code", "names changed", "written", "time")
@@ -290,14 +236,14 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Print the result of one committed step."""
-    with _errors_reported():
-        checkpoints = _store(store, store_option)
+    with errors_reported():
+        checkpoints = open_store(store, store_option)
         checkpoints.require(session)
         manifest = checkpoints.manifest(session, step)
         result = checkpoints.attempt(session, manifest.result["attempt"])
         result = result or StepResult.from_dict(manifest.result)
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     errors.print(f"[bold]step {step}[/bold] [dim]{result.started}[/dim]")
     console.print(result.code, markup=False, highlight=False)
@@ -323,10 +269,10 @@ def variables(
     as_json: JsonOption = False,
 ) -> None:
     """List a session's variables: name, type and size. Nothing is unpickled."""
-    with _errors_reported():
-        found = Session(session, store=_store(store, store_option)).variables(step)
+    with errors_reported():
+        found = Session(session, store=open_store(store, store_option)).variables(step)
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"name": v.name, "type": v.type, "size": v.size, "kind": v.kind}
                 for v in found
@@ -358,11 +304,11 @@ def sessions(
     as_json: JsonOption = False,
 ) -> None:
     """List the sessions in the store."""
-    with _errors_reported():
-        checkpoints = _store(store, store_option)
+    with errors_reported():
+        checkpoints = open_store(store, store_option)
         found = [(name, checkpoints.head(name)) for name in list_sessions(checkpoints)]
     if as_json:
-        _print_json([{"session": name, "step": step} for name, step in found])
+        print_json([{"session": name, "step": step} for name, step in found])
         return
     table = Table(title=f"sessions in {checkpoints.url}")
     table.add_column("session")
@@ -385,10 +331,12 @@ def diff(
 
     Only the steps' manifests are compared; nothing is unpickled.
     """
-    with _errors_reported():
-        found = Session(session, store=_store(store, store_option)).diff(before, after)
+    with errors_reported():
+        found = Session(session, store=open_store(store, store_option)).diff(
+            before, after
+        )
     if as_json:
-        _print_json(found.to_dict())
+        print_json(found.to_dict())
         return
     _show_diff(found)
 
@@ -438,10 +386,10 @@ def rollback(
 
     History is kept: the rollback is the session's next step.
     """
-    with _errors_reported():
-        result = Session(session, store=_store(store, store_option)).rollback(step)
+    with errors_reported():
+        result = Session(session, store=open_store(store, store_option)).rollback(step)
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     _show_copy(result, f"rolled back to step {step}")
 
@@ -462,13 +410,13 @@ def fork(
     """
     session, _, step_text = source.partition("@")
     if step_text and not step_text.isdigit():
-        _fail(f"expected ID or ID@STEP with a step number, got {source!r}", EXIT_USAGE)
+        fail(f"expected ID or ID@STEP with a step number, got {source!r}", EXIT_USAGE)
     step = int(step_text) if step_text else None
-    with _errors_reported():
-        forked = Session(session, store=_store(store, store_option)).fork(new, step)
+    with errors_reported():
+        forked = Session(session, store=open_store(store, store_option)).fork(new, step)
         result = forked.history()[0]
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     _show_copy(result, result.code.removeprefix("# "))
 
@@ -484,7 +432,7 @@ def _seconds(text: str | None, option: str) -> float | None:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        _fail(
+        fail(
             f"{option} expects an age such as 90s, 30m, 12h, 7d or 2w, got {text!r}",
             EXIT_USAGE,
         )
@@ -527,9 +475,9 @@ def collect_garbage(
     age = _seconds(older_than, "--older-than")
     grace_seconds = _seconds(grace, "--grace")
     assert grace_seconds is not None
-    with _errors_reported():
+    with errors_reported():
         report = gc(
-            _store(store, store_option),
+            open_store(store, store_option),
             keep_last=keep_last,
             older_than=age,
             grace=grace_seconds,
@@ -555,8 +503,8 @@ def delete(
     """Delete a session's whole history, then the blobs no other session uses."""
     grace_seconds = _seconds(grace, "--grace")
     assert grace_seconds is not None
-    with _errors_reported():
-        checkpoints = _store(store, store_option)
+    with errors_reported():
+        checkpoints = open_store(store, store_option)
         checkpoints.require(session)
         if not (yes or dry_run):
             typer.confirm(
@@ -570,7 +518,7 @@ def delete(
 
 def _show_report(report: GcReport, as_json: bool) -> None:
     if as_json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return
     verb = "would remove" if report.dry_run else "removed"
     if report.steps_removed:

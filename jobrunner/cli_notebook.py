@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -30,7 +27,17 @@ from rich.progress import (
 from rich.table import Table
 
 from jobrunner import cli_backend
-from jobrunner.errors import InvalidInput, JobRunnerError
+from jobrunner.cli_common import (
+    EXIT_FAILED,
+    JsonOption,
+    StoreOption,
+    StoreOptions,
+    console,
+    errors,
+    errors_reported,
+    fail,
+    store_options,
+)
 from jobrunner.notebook import (
     CellRun,
     CellStart,
@@ -43,9 +50,7 @@ from jobrunner.notebook import (
 
 __all__ = ["notebook_app"]
 
-EXIT_CELL_FAILED = 1
-EXIT_USAGE = 2
-EXIT_JOBRUNNER = 3
+EXIT_CELL_FAILED = EXIT_FAILED
 
 notebook_app = typer.Typer(
     help="Run notebooks cell by cell, each code cell a step of one session.",
@@ -54,7 +59,7 @@ notebook_app = typer.Typer(
 )
 # Everything but the notebook itself goes to stderr, so that `--output -` can
 # write the notebook to stdout.
-terminal = Console(stderr=True)
+terminal = errors
 
 
 ParameterOption = Annotated[
@@ -70,61 +75,15 @@ ParametersFileOption = Annotated[
     str | None,
     typer.Option("--parameters-file", "-f", help="A YAML or JSON file of parameters."),
 ]
-StoreOption = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        envvar="JOBRUNNER_STORE",
-        help="Checkpoint store: a folder or an fsspec URL.",
-        show_default="./checkpoints",
-    ),
-]
-StoreOptions = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--store-option",
-        metavar="KEY=VALUE",
-        help="An option of the store's filesystem.",
-    ),
-]
 TimeoutOption = Annotated[
     float | None, typer.Option("--timeout", help="Stop a cell after this many seconds.")
 ]
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    terminal.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors_reported() -> Iterator[None]:
-    """Turn jobrunner's errors into one red line and the documented exit code."""
-    try:
-        yield
-    except InvalidInput as error:
-        _fail(str(error), EXIT_USAGE)
-    except JobRunnerError as error:
-        _fail(str(error), EXIT_JOBRUNNER)
 
 
 def _parameters(pairs: list[str] | None, file: str | None) -> dict[str, Any]:
     parameters = read_parameters(file) if file else {}
     parameters.update(parse_parameter(text) for text in pairs or [])
     return parameters
-
-
-def _store_options(pairs: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            _fail(f"--store-option expects KEY=VALUE, got {pair!r}", EXIT_USAGE)
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
 
 
 def _default_output(notebook: str) -> str:
@@ -213,10 +172,10 @@ def run(
     """Run a notebook's cells in order, each as one step of a session."""
     to_stdout = output == "-"
     if to_stdout and resume:
-        _fail("--resume needs the notebook of the run in a file: --output PATH", 2)
+        fail("--resume needs the notebook of the run in a file: --output PATH", 2)
     target = None if to_stdout else output or _default_output(notebook)
     choice = backend
-    with _errors_reported():
+    with errors_reported():
         parameters = _parameters(parameter, parameters_file)
         outcome = _run_watched(
             notebook,
@@ -225,7 +184,7 @@ def run(
             output=target,
             resume=resume,
             store=store,
-            store_options=_store_options(store_option),
+            store_options=store_options(store_option),
             backend=cli_backend.make_backend(choice),
             timeout=timeout,
         )
@@ -289,9 +248,6 @@ def _report(outcome: NotebookRun) -> None:
 
 _CLUSTER = "Cluster"
 NameArgument = Annotated[str, typer.Argument(help="The schedule's name.")]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print machine-readable JSON instead.")
-]
 
 
 def _api(kubeconfig: str | None, context: str | None) -> Any:
@@ -389,8 +345,8 @@ def schedule(
         service_account=service_account,
         node_selector=tuple(node_selector or ()),
     )
-    with _errors_reported():
-        options = _store_options(store_option)
+    with errors_reported():
+        options = store_options(store_option)
         plan = NotebookSchedule(
             name=default_schedule_name(notebook) if name is None else name,
             cron=cron,
@@ -428,7 +384,7 @@ def schedules(
     """List the scheduled notebooks of a namespace."""
     from jobrunner.schedule import list_schedules
 
-    with _errors_reported():
+    with errors_reported():
         found = list_schedules(_api(kubeconfig, context), namespace)
     if as_json:
         sys.stdout.write(json.dumps([s.to_dict() for s in found], indent=2) + "\n")
@@ -446,7 +402,7 @@ def schedules(
             last,
             "[yellow]yes[/yellow]" if item.suspended else "no",
         )
-    Console().print(table)
+    console.print(table)
 
 
 @notebook_app.command("unschedule")
@@ -459,7 +415,7 @@ def unschedule(
     """Delete a schedule's CronJob and its Jobs; its runs stay in the store."""
     from jobrunner.schedule import delete_schedule
 
-    with _errors_reported():
+    with errors_reported():
         delete_schedule(_api(kubeconfig, context), name, namespace)
     terminal.print(
         f"[green]unscheduled[/green] {escape(name)}: deleted the CronJob"
@@ -490,9 +446,9 @@ def drive(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     choice = backend
-    with _errors_reported():
+    with errors_reported():
         outcome = run_scheduled_notebook(
-            CheckpointStore(store, options=_store_options(store_option)),
+            CheckpointStore(store, options=store_options(store_option)),
             schedule_name,
             cli_backend.make_backend(choice),
             timeout=timeout,

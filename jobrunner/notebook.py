@@ -787,7 +787,8 @@ def _next_code_cell(notebook: NotebookNode, index: int) -> int:
 
 
 def _status(cell: NotebookNode) -> str | None:
-    return cell.get("metadata", {}).get("jobrunner", {}).get("status")  # type: ignore[no-any-return]
+    status: str | None = cell.get("metadata", {}).get("jobrunner", {}).get("status")
+    return status
 
 
 def _skipped(cell: NotebookNode) -> bool:

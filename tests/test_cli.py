@@ -6,26 +6,29 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from jobrunner.cli import app
 
+Invoke = Callable[..., Result]
+
 
 @pytest.fixture
-def cli(store_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def cli(store_url: str, monkeypatch: pytest.MonkeyPatch) -> Invoke:
     monkeypatch.setenv("JOBRUNNER_STORE", store_url)
     runner = CliRunner()
 
-    def invoke(*args: str, stdin: str | None = None):  # type: ignore[no-untyped-def]
+    def invoke(*args: str, stdin: str | None = None) -> Result:
         return runner.invoke(app, list(args), input=stdin)
 
     return invoke
 
 
-def test_a_session_of_several_steps(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_of_several_steps(cli: Invoke) -> None:
     assert cli("run", "-s", "demo", "import math; r = 2").exit_code == 0
     assert (
         cli("run", "-s", "demo", "def area(): return math.pi * r ** 2").exit_code == 0
@@ -44,7 +47,7 @@ def test_a_session_of_several_steps(cli) -> None:  # type: ignore[no-untyped-def
     assert "area" in variables.stdout and "function" in variables.stdout
 
 
-def test_json_output(cli) -> None:  # type: ignore[no-untyped-def]
+def test_json_output(cli: Invoke) -> None:
     result = json.loads(cli("run", "-s", "j", "--json", "x = 41\nx + 1").stdout)
     assert (result["status"], result["value"], result["step"]) == ("ok", "42", 1)
 
@@ -60,7 +63,7 @@ def test_json_output(cli) -> None:  # type: ignore[no-untyped-def]
     assert shown["code"] == "x = 41\nx + 1"
 
 
-def test_code_from_a_file_and_from_stdin(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_code_from_a_file_and_from_stdin(cli: Invoke, tmp_path: Path) -> None:
     script = tmp_path / "step.py"
     script.write_text("y = 5\nprint('from file')")
     from_file = cli("run", "-s", "io", "-f", str(script))
@@ -82,19 +85,19 @@ def test_code_from_a_file_and_from_stdin(cli, tmp_path: Path) -> None:  # type: 
         (("run", "-s", "e", "--no-such-option", "1"), 2),
     ],
 )
-def test_exit_codes(cli, args: tuple[str, ...], code: int) -> None:  # type: ignore[no-untyped-def]
+def test_exit_codes(cli: Invoke, args: tuple[str, ...], code: int) -> None:
     result = cli(*args)
     assert result.exit_code == code, result.output
 
 
-def test_a_user_error_shows_the_traceback(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_user_error_shows_the_traceback(cli: Invoke) -> None:
     result = cli("run", "-s", "tb", "def f():\n    raise KeyError('k')\nf()")
     assert result.exit_code == 1
     assert "KeyError: 'k'" in result.stderr
     assert 'File "<step 1>", line 3' in result.stderr
 
 
-def test_an_unreachable_store_exits_3(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_store_exits_3(cli: Invoke, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = cli("run", "-s", "s", "--store", "gs://bucket", "1")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from s3server import S3Server, s3_server  # noqa: F401 (a fixture)
+from steps import run_all
 from typer.testing import CliRunner
 
 from jobrunner import CheckpointStore, Session
@@ -24,16 +25,6 @@ from jobrunner.session import delete_session, gc
 from jobrunner.store import Manifest, blob_digest, new_attempt_id
 
 HOUR = 3600.0
-
-
-def run_all(session: Session, *steps: str) -> str | None:
-    """Run steps in order, each must commit; return the last step's value."""
-    result = None
-    for code in steps:
-        result = session.run(code)
-        assert result.status == "ok", (code, result.error)
-    assert result is not None
-    return result.value
 
 
 @pytest.fixture

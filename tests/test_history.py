@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from steps import run_all
 from typer.testing import CliRunner
 
 from jobrunner import CheckpointStore, Session
@@ -27,16 +28,6 @@ MASTER = "history-master-key"
 needs_numpy = pytest.mark.skipif(
     importlib.util.find_spec("numpy") is None, reason="numpy is not installed"
 )
-
-
-def run_all(session: Session, *steps: str) -> str | None:
-    """Run steps in order, each must commit; return the last step's value."""
-    result = None
-    for code in steps:
-        result = session.run(code)
-        assert result.status == "ok", (code, result.error)
-    assert result is not None
-    return result.value
 
 
 @pytest.fixture

@@ -242,7 +242,8 @@ def test_cancel_deletes_the_job_and_its_pod(
     )
     thread.start()
     deadline = time.monotonic() + 20
-    while not session.backend.cancel("cancel") and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    backend = session.backend
+    while not backend.cancel("cancel") and time.monotonic() < deadline:
         time.sleep(0.1)
     thread.join(timeout=30)
 

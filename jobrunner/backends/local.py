@@ -54,7 +54,8 @@ class _Spawned:
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.outputs: list[IO[bytes]] = [popen.stdout, popen.stderr]  # type: ignore[list-item]
+        assert popen.stdout is not None and popen.stderr is not None
+        self.outputs: list[IO[bytes]] = [popen.stdout, popen.stderr]
 
     def wait(self, timeout: float | None) -> int:
         return self.popen.wait(timeout=timeout)

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         store = CheckpointStore(arguments.store, options=options)
         run_step(store, arguments.session, arguments.attempt)
     except JobRunnerError as error:
-        print(f"jobrunner: {error}", file=sys.stderr)
+        # The last line on stderr is the reason the control side reports.
+        sys.stderr.write(f"jobrunner: {error}\n")
         return STORE_FAILED
     return 0
 

@@ -70,7 +70,7 @@ def _child(request: dict[str, Any], stdout: int, stderr: int) -> None:
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
     except BaseException as error:  # noqa: BLE001 - reported, then the child ends
-        print(f"jobrunner: the step's process failed: {error!r}", file=sys.stderr)
+        sys.stderr.write(f"jobrunner: the step's process failed: {error!r}\n")
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
