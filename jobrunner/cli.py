@@ -21,6 +21,7 @@ from jobrunner.cli_common import (
     EXIT_JOBRUNNER,
     EXIT_USAGE,
     JsonOption,
+    LiveOutput,
     StoreOption,
     StoreOptions,
     console,
@@ -64,28 +65,9 @@ def _read_code(code: str | None, file: str | None) -> str | bytes:
     return code
 
 
-class _LiveOutput:
-    """Prints a step's output as it arrives, whole lines at a time."""
-
-    def __init__(self) -> None:
-        self.pending = {"stdout": "", "stderr": ""}
-
-    def __call__(self, stream: str, text: str) -> None:
-        lines = (self.pending[stream] + text).split("\n")
-        self.pending[stream] = lines.pop()
-        for line in lines:
-            self._print(stream, line)
-
-    def flush(self) -> None:
-        for stream, text in self.pending.items():
-            if text:
-                self._print(stream, text)
-        self.pending = {"stdout": "", "stderr": ""}
-
-    @staticmethod
-    def _print(stream: str, line: str) -> None:
-        target = errors if stream == "stderr" else console
-        target.print(line, markup=False, highlight=False, soft_wrap=True)
+def _show_line(stream: str, line: str) -> None:
+    target = errors if stream == "stderr" else console
+    target.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -140,7 +122,7 @@ def run(
 
 
 def _run_live(start: Callable[[Any], StepResult]) -> StepResult:
-    live = _LiveOutput()
+    live = LiveOutput(_show_line)
     with errors.status("running the step...", spinner="dots"):
         try:
             return start(live)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
 
@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_JOBRUNNER",
     "EXIT_USAGE",
     "JsonOption",
+    "LiveOutput",
     "StoreOption",
     "StoreOptions",
     "console",
@@ -100,3 +101,28 @@ def open_store(url: str | None, pairs: list[str] | None) -> CheckpointStore:
 def print_json(data: Any) -> None:
     """Print machine-readable output on stdout."""
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+class LiveOutput:
+    """Prints a step's output as it arrives, whole lines at a time.
+
+    Args:
+        show: Prints one line of a stream (``stdout`` or ``stderr``).
+    """
+
+    def __init__(self, show: Callable[[str, str], None]) -> None:
+        self.show = show
+        self.pending = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, text: str) -> None:
+        lines = (self.pending[stream] + text).split("\n")
+        self.pending[stream] = lines.pop()
+        for line in lines:
+            self.show(stream, line)
+
+    def flush(self) -> None:
+        """Print what is left of an unfinished line."""
+        for stream, text in self.pending.items():
+            if text:
+                self.show(stream, text)
+        self.pending = {"stdout": "", "stderr": ""}

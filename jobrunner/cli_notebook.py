@@ -30,6 +30,7 @@ from jobrunner import cli_backend
 from jobrunner.cli_common import (
     EXIT_FAILED,
     JsonOption,
+    LiveOutput,
     StoreOption,
     StoreOptions,
     console,
@@ -99,7 +100,7 @@ class _Watch:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task = progress.add_task("starting", total=None)
-        self.pending = {"stdout": "", "stderr": ""}
+        self.output = LiveOutput(self._print)
 
     def cell_started(self, cell: CellStart) -> None:
         first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
@@ -111,21 +112,9 @@ class _Watch:
         )
 
     def cell_ended(self, cell: CellRun) -> None:
-        self.flush()
+        self.output.flush()
         if cell.status != "skipped":
             self.progress.advance(self.task)
-
-    def output(self, stream: str, text: str) -> None:
-        lines = (self.pending[stream] + text).split("\n")
-        self.pending[stream] = lines.pop()
-        for line in lines:
-            self._print(stream, line)
-
-    def flush(self) -> None:
-        for stream, text in self.pending.items():
-            if text:
-                self._print(stream, text)
-        self.pending = {"stdout": "", "stderr": ""}
 
     def _print(self, stream: str, line: str) -> None:
         style = "red" if stream == "stderr" else None
@@ -213,7 +202,7 @@ def _run_watched(notebook: str, **arguments: Any) -> NotebookRun:
                 **arguments,
             )
         finally:
-            watch.flush()
+            watch.output.flush()
 
 
 def _report(outcome: NotebookRun) -> None:
