@@ -96,12 +96,11 @@ def run(
     if not session:
         fail("a session id is required: --session ID (or -s ID)", EXIT_USAGE)
     source = _read_code(code, file)
-    choice = backend
     with errors_reported():
         runner = Session(
             session,
             store=open_store(store, store_option),
-            backend=cli_backend.make_backend(choice),
+            backend=cli_backend.make_backend(backend),
         )
         if as_json:
             result = runner.run(

@@ -21,7 +21,13 @@ from jobrunner.errors import InvalidInput
 if TYPE_CHECKING:
     from jobrunner.backends.kubernetes import KubernetesOptions
 
-__all__ = ["BackendChoice", "backend_options", "kubernetes_options", "make_backend"]
+__all__ = [
+    "BackendChoice",
+    "backend_options",
+    "cluster_options",
+    "kubernetes_options",
+    "make_backend",
+]
 
 R = TypeVar("R")
 
@@ -175,6 +181,20 @@ def backend_options(command: Callable[..., R]) -> Callable[..., R]:
     ``--backend``, ``--warm``, ``--memory``, ``--image``... the same options in
     every command that runs steps.
     """
+    return _with_options(command, set(_OPTIONS), {})
+
+
+def cluster_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Like :func:`backend_options`, for commands whose steps always run on
+    Kubernetes: no ``--backend`` and no ``--warm``."""
+    return _with_options(
+        command, set(_OPTIONS) - {"name", "warm"}, {"name": "kubernetes"}
+    )
+
+
+def _with_options(
+    command: Callable[..., R], shown: set[str], fixed: dict[str, Any]
+) -> Callable[..., R]:
     signature = inspect.signature(command, eval_str=True)
     kept = [p for p in signature.parameters.values() if p.name != "backend"]
     defaults = {field.name: field.default for field in fields(BackendChoice)}
@@ -186,11 +206,12 @@ def backend_options(command: Callable[..., R]) -> Callable[..., R]:
             default=None if name == "node_selector" else defaults[name],
         )
         for name, annotation in _OPTIONS.items()
+        if name in shown
     ]
 
     @functools.wraps(command)
     def with_backend(*args: Any, **kwargs: Any) -> R:
-        given = {name: kwargs.pop(_PREFIX + name) for name in _OPTIONS}
+        given = {name: kwargs.pop(_PREFIX + name) for name in shown} | fixed
         given["node_selector"] = tuple(given["node_selector"] or ())
         return command(*args, backend=BackendChoice(**given), **kwargs)
 

@@ -163,7 +163,6 @@ def run(
     if to_stdout and resume:
         fail("--resume needs the notebook of the run in a file: --output PATH", 2)
     target = None if to_stdout else output or _default_output(notebook)
-    choice = backend
     with errors_reported():
         parameters = _parameters(parameter, parameters_file)
         outcome = _run_watched(
@@ -174,7 +173,7 @@ def run(
             resume=resume,
             store=store,
             store_options=store_options(store_option),
-            backend=cli_backend.make_backend(choice),
+            backend=cli_backend.make_backend(backend),
             timeout=timeout,
         )
     if to_stdout:
@@ -246,6 +245,7 @@ def _api(kubeconfig: str | None, context: str | None) -> Any:
 
 
 @notebook_app.command("schedule")
+@cli_backend.cluster_options
 def schedule(
     notebook: Annotated[
         str, typer.Argument(help="The notebook: .ipynb or a percent-format .py.")
@@ -297,17 +297,8 @@ def schedule(
     timeout: TimeoutOption = None,
     store: StoreOption = None,
     store_option: StoreOptions = None,
-    memory: cli_backend.Memory = None,
-    cpu: cli_backend.Cpu = None,
-    gpus: cli_backend.Gpus = 0,
-    image: cli_backend.Image = None,
-    namespace: cli_backend.Namespace = "default",
-    kubeconfig: cli_backend.Kubeconfig = None,
-    context: cli_backend.Context = None,
-    retry_oom: cli_backend.RetryOom = False,
-    env_secret: cli_backend.EnvSecret = None,
-    service_account: cli_backend.ServiceAccount = None,
-    node_selector: cli_backend.NodeSelector = None,
+    *,
+    backend: cli_backend.BackendChoice,
 ) -> None:
     """Run a notebook on a schedule: a CronJob whose run runs each cell as a Job.
 
@@ -322,18 +313,6 @@ def schedule(
     )
     from jobrunner.store import CheckpointStore
 
-    choice = cli_backend.BackendChoice(
-        name="kubernetes",
-        memory=memory,
-        cpu=cpu,
-        gpus=gpus,
-        image=image,
-        namespace=namespace,
-        retry_oom=retry_oom,
-        env_secret=env_secret,
-        service_account=service_account,
-        node_selector=tuple(node_selector or ()),
-    )
     with errors_reported():
         options = store_options(store_option)
         plan = NotebookSchedule(
@@ -343,14 +322,14 @@ def schedule(
             # A local folder is given to the driver as an absolute path.
             store=CheckpointStore(store, options=options).files.url,
             driver_image=driver_image or "",
-            steps=cli_backend.kubernetes_options(choice),
+            steps=cli_backend.kubernetes_options(backend),
             store_options=options,
             driver_service_account=driver_service_account,
             timezone=zone,
             cell_timeout=timeout,
         )
         parameters = _parameters(parameter, parameters_file)
-        api = None if dry_run else _api(kubeconfig, context)
+        api = None if dry_run else _api(backend.kubeconfig, backend.context)
         cronjob = schedule_notebook(plan, api, parameters=parameters, dry_run=dry_run)
     if dry_run:
         sys.stdout.write(manifest_yaml(cronjob))
@@ -434,12 +413,11 @@ def drive(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    choice = backend
     with errors_reported():
         outcome = run_scheduled_notebook(
             CheckpointStore(store, options=store_options(store_option)),
             schedule_name,
-            cli_backend.make_backend(choice),
+            cli_backend.make_backend(backend),
             timeout=timeout,
             on_output=_write_through,
         )
